@@ -12,7 +12,7 @@ from ._channel import Channel
 from ._limits import Limits
 
 if TYPE_CHECKING:
-    from ._sandbox import Sandbox
+    from ._sandbox import Blob, Sandbox
 
 __all__ = ["BackendConfig", "Box"]
 
@@ -56,17 +56,18 @@ class Box(ABC):
     def close(self) -> None:
         """Destroy the box and everything in it. Idempotent; never raises for a box already gone."""
 
-    def kill_runtime(self) -> None:
+    def kill_runtime(self) -> None:  # noqa: B027 - optional hook with a documented default
         """Forcefully stop the process started by the last :meth:`launch` (it is unresponsive).
 
         The default does nothing beyond what closing the channel does; backends whose processes
         outlive their channel (``docker exec``) override it.
         """
 
-    def upload(self, path: str, data: bytes) -> str | None:
+    def upload(self, path: str, data: Blob) -> str | None:
         """Optional fast path for large uploads (contexts, files) through the backend's own API.
 
-        Write ``data`` to ``path`` (relative to :attr:`workdir`) and return the path the runtime
+        Write ``data`` (``data.size`` bytes from ``data.chunks()``) to ``path`` (relative to
+        :attr:`workdir`) and return the path the runtime
         should read, or return ``None`` to have the core stream it over the channel.
         """
         return None

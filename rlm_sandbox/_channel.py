@@ -49,7 +49,8 @@ class PipeChannel(Channel):
     def __init__(self, write_fd: int, read_fd: int, *, chunk: int = 1 << 20) -> None:
         self._wfd = write_fd
         self._rfd = read_fd
-        self._chunk = chunk
+        self._buf = bytearray(chunk)
+        self._view = memoryview(self._buf)
         self._closed = False
 
     def send(self, data: bytes) -> None:
@@ -63,7 +64,9 @@ class PipeChannel(Channel):
             ready, _, _ = select.select([self._rfd], [], [], max(timeout, 0.0))
             if not ready:
                 raise TimeoutError("no data from the runtime")
-        return os.read(self._rfd, self._chunk)
+        # One reused buffer: no allocation (mmap + page faults for big sizes) per read.
+        n = os.readv(self._rfd, [self._buf])
+        return self._view[:n].tobytes()
 
     def close(self) -> None:
         if self._closed:

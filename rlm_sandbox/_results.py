@@ -8,7 +8,7 @@ from dataclasses import dataclass
 __all__ = ["CodeError", "ExecResult", "Outcome"]
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """How a cell ended."""
 
     OK = "ok"

@@ -6,7 +6,7 @@ import functools
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -132,15 +132,40 @@ def runtime_source() -> bytes:
     return Path(rt.__file__).read_bytes()
 
 
-def encode_context(payload: ContextPayload) -> tuple[str, bytes]:
-    """(kind, bytes) for a context payload."""
+class Blob:
+    """Bytes to send into a box, produced in chunks (a 100 MB ASCII str is never copied whole)."""
+
+    def __init__(self, size: int, chunks: Callable[[], Iterator[bytes]]) -> None:
+        self.size = size
+        self.chunks = chunks
+
+    @classmethod
+    def of(cls, data: bytes | str) -> Blob:
+        if isinstance(data, str):
+            text: str = data
+            if text.isascii():  # O(1) in CPython: the size is known without encoding
+                step = rt.CHUNK
+                return cls(
+                    len(text),
+                    lambda: (text[i : i + step].encode("ascii") for i in range(0, len(text), step)),
+                )
+            data = data.encode("utf-8")
+        view = memoryview(data)
+        return cls(len(view), lambda: (bytes(view[i : i + rt.CHUNK]) for i in range(0, len(view), rt.CHUNK)))
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+def encode_context(payload: ContextPayload) -> tuple[str, Blob]:
+    """(kind, blob) for a context payload."""
     if isinstance(payload, str):
-        return "str", payload.encode("utf-8")
+        return "str", Blob.of(payload)
     if isinstance(payload, (bytes, bytearray, memoryview)):
-        return "bytes", bytes(payload)
+        return "bytes", Blob.of(bytes(payload))
     if isinstance(payload, (dict, list)):
         try:
-            return "json", json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            return "json", Blob.of(json.dumps(payload, ensure_ascii=False))
         except (TypeError, ValueError) as exc:
             raise NotSerializable(f"context is not JSON-serialisable: {exc}") from None
     raise NotSerializable(f"a context must be str, bytes, dict or list, not {type(payload).__name__}")
@@ -353,7 +378,7 @@ class RuntimeSandbox(Sandbox):
         return result
 
     def write_file(self, path: str, data: bytes | str) -> None:
-        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        raw = Blob.of(data if isinstance(data, str) else bytes(data))
         with self._lock:
             if self._box.upload(path, raw):
                 return

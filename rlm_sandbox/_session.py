@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import runtime as rt
 from ._channel import Channel
@@ -28,6 +28,9 @@ from ._errors import (
     VariableNotFound,
 )
 from ._results import CodeError, ExecResult, Outcome
+
+if TYPE_CHECKING:
+    from ._sandbox import Blob
 
 __all__ = ["ChannelLost", "RuntimeUnresponsive", "Session"]
 
@@ -212,7 +215,7 @@ class Session:
             try:
                 value = fn(*rt.decode_value(args), **rt.decode_value(kwargs))
                 reply = {"op": "call_result", "id": cid, "ok": True, "value": rt.encode_value(value)}
-            except BaseException as exc:  # noqa: BLE001 - every host error goes back as data
+            except BaseException as exc:
                 reply = {
                     "op": "call_result",
                     "id": cid,
@@ -264,17 +267,16 @@ class Session:
         value = reply.get("value")
         return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
-    def _stream_upload(self, rid: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), rt.CHUNK):
-            self._send(rt.data_frame(rid, bytes(view[start : start + rt.CHUNK]), self.text_mode))
+    def _stream_upload(self, rid: int, data: Blob) -> None:
+        for chunk in data.chunks():
+            self._send(rt.data_frame(rid, chunk, self.text_mode))
 
     def load_context(
         self,
         name: str,
         aliases: list[str],
         kind: str,
-        data: bytes | None,
+        data: Blob | None,
         path: str | None,
         timeout: float,
     ) -> None:
@@ -284,13 +286,13 @@ class Session:
             reply = self._request(msg, timeout)
         else:
             assert data is not None
-            msg["size"] = len(data)
+            msg["size"] = data.size
             reply = self._request(msg, timeout, after_send=lambda rid: self._stream_upload(rid, data))
         self._raise_for(reply, path or name)
 
-    def put_file(self, path: str, data: bytes, timeout: float) -> None:
+    def put_file(self, path: str, data: Blob, timeout: float) -> None:
         reply = self._request(
-            {"op": "put_file", "path": path, "size": len(data)},
+            {"op": "put_file", "path": path, "size": data.size},
             timeout,
             after_send=lambda rid: self._stream_upload(rid, data),
         )

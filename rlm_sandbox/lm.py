@@ -326,9 +326,7 @@ class OpenAICompatibleLM(LM):
         self._client = httpx.Client(
             headers=request_headers,
             timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-            ),
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
             transport=transport,
         )
         self._closed = False
@@ -413,9 +411,7 @@ class OpenAICompatibleLM(LM):
     def _log_retry(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
-        _log.warning(
-            "LM attempt %d failed (%s); retrying in %.2fs", state.attempt_number, exc, wait
-        )
+        _log.warning("LM attempt %d failed (%s); retrying in %.2fs", state.attempt_number, exc, wait)
 
     def _attempt(self, body: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
         """One HTTP round trip. Returns (text, model reported by server, usage dict)."""

@@ -43,7 +43,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
 PROTOCOL_VERSION = 1
 MAGIC = b"\xb5R"
@@ -417,6 +417,19 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
+class ReadBuffer:
+    """Reads from a file descriptor into one reused buffer: no allocation (and, for large
+    sizes, no mmap/munmap and fresh page faults) per read."""
+
+    def __init__(self, size: int = 1 << 18) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+
+    def read(self, fd: int) -> bytes:
+        n = os.readv(fd, [self.buf])
+        return self.view[:n].tobytes()
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -481,9 +494,10 @@ class _Link:
         self.wlock = threading.Lock()
         self.reading = False
         self.results: Dict[int, Dict[str, Any]] = {}
-        self.abandoned: set = set()
+        self.abandoned: Set[int] = set()
         self.commands: Deque[Dict[str, Any]] = deque()
         self.ids = itertools.count(1)
+        self.rbuf = ReadBuffer()
 
     def send(self, msg: Dict[str, Any]) -> None:
         data = message(msg)
@@ -525,7 +539,7 @@ class _Link:
                     select.select([self.rfd], [], [])
                     self.intr.enter()
                     try:
-                        data = os.read(self.rfd, 1 << 20)
+                        data = self.rbuf.read(self.rfd)
                         if not data:
                             os._exit(70)
                         frames = self.reader.feed(data)
@@ -650,17 +664,23 @@ class Worker:
                 sys.stderr.write("rlm-sandbox: cannot reload context %s: %s\n" % (ctx["name"], exc))
 
     def load_one(self, ctx: Dict[str, Any]) -> None:
-        with open(ctx["path"], "rb") as f:
-            data = f.read()
         kind = ctx["kind"]
         value: Any
-        if kind == "str":
-            value = data.decode("utf-8")
-        elif kind == "bytes":
-            value = data
-        else:
-            value = json.loads(data.decode("utf-8"))
-        del data
+        with open(ctx["path"], "rb") as f:
+            if kind == "bytes":
+                value = f.read()
+            else:
+                # Decode straight from the page cache: no intermediate bytes copy.
+                import mmap
+
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    text = ""
+                else:
+                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                        text = str(mm, "utf-8")
+                value = text if kind == "str" else json.loads(text)
+                del text
         self.ns[ctx["name"]] = value
         for alias in ctx.get("aliases", []):
             self.ns[alias] = value
@@ -779,8 +799,10 @@ class Worker:
         import ast
 
         tree = ast.parse(code, filename, "exec")
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
+        tail = tree.body[-1] if tree.body else None
+        if isinstance(tail, ast.Expr):
+            tree.body.pop()
+            last = ast.Expression(tail.value)
             return compile(tree, filename, "exec"), compile(last, filename, "eval")
         return compile(tree, filename, "exec"), None
 
@@ -804,7 +826,7 @@ def _worker_main(config: Dict[str, Any], fds: Dict[str, int]) -> None:
         os.dup2(fds["out_w"], 1)
         os.dup2(fds["err_w"], 2)
         keep = {0, 1, 2, fds["cmd_r"], fds["rep_w"]}
-        for fd in list(fds.values()) + [devnull] + config.get("close_fds", []):
+        for fd in [*fds.values(), devnull, *config.get("close_fds", [])]:
             if fd not in keep:
                 try:
                     os.close(fd)
@@ -881,6 +903,7 @@ class Supervisor:
         for fd in (self.in_fd, self.out_fd):
             os.set_inheritable(fd, False)
         self.reader = FrameReader(text_mode=text_mode)
+        self.rbuf = ReadBuffer(1 << 20)
         self.wlock = threading.Lock()
         self.config: Dict[str, Any] = {}
         self.worker_pid = 0
@@ -891,7 +914,7 @@ class Supervisor:
         self.stderr = OutputBuffer(0)
         self.current: Optional[Dict[str, Any]] = None  # the exec in flight
         self.pending: Dict[Any, Dict[str, Any]] = {}  # other worker requests in flight
-        self.upload: Optional[_Upload] = None
+        self.upload: Optional[Union[_Upload, _Sink]] = None
         self.contexts: List[Dict[str, Any]] = []
         self.generation = 0
         self.ready_failed: Dict[str, str] = {}
@@ -1019,9 +1042,9 @@ class Supervisor:
         deadline = time.monotonic() + 5.0
         while self.worker_status is None and time.monotonic() < deadline:
             try:
-                pid, status = os.waitpid(self.worker_pid, 0)
+                pid, wstatus = os.waitpid(self.worker_pid, 0)
                 if pid == self.worker_pid:
-                    self.worker_status = status
+                    self.worker_status = wstatus
             except ChildProcessError:
                 break
             except InterruptedError:
@@ -1107,7 +1130,7 @@ class Supervisor:
                 self.read_worker()
             if self.in_fd in r:
                 try:
-                    data = os.read(self.in_fd, 1 << 20)
+                    data = self.rbuf.read(self.in_fd)
                 except OSError:
                     data = b""
                 if not data:
@@ -1155,7 +1178,7 @@ class Supervisor:
 
     def read_worker(self) -> None:
         try:
-            data = os.read(self.fds["rep_r"], 1 << 20)
+            data = self.rbuf.read(self.fds["rep_r"])
         except BlockingIOError:
             return
         except OSError:
@@ -1201,9 +1224,9 @@ class Supervisor:
             return None
         now = time.monotonic()
         if cur.get("kill_at") is not None:
-            return max(cur["kill_at"] - now, 0.0)
+            return max(float(cur["kill_at"]) - now, 0.0)
         if cur.get("interrupt_at") is not None:
-            return max(cur["interrupt_at"] - now, 0.0)
+            return max(float(cur["interrupt_at"]) - now, 0.0)
         return None
 
     def check_deadlines(self) -> None:
@@ -1250,13 +1273,16 @@ class Supervisor:
             reply.update(extra)
         self.send(reply)
 
+    def oom_count(self) -> Optional[int]:
+        return _oom_kills() if self.config.get("oom_detect") else None
+
     def restart_and_report(self, outcome: str, message_: str) -> None:
-        before = _oom_kills()
+        before = self.oom_count()
         status = self.restart()
         self.report_dead(outcome, message_, status, before)
 
     def report_dead(self, outcome: str, message_: str, status: Optional[int], oom_before: Optional[int]) -> None:
-        after = _oom_kills()
+        after = self.oom_count()
         detail = message_
         oom = False
         if oom_before is not None and after is not None and after > oom_before:
@@ -1307,7 +1333,8 @@ class Supervisor:
         msg = parse_message(payload)
         op = msg["op"]
         if op == "exec":
-            self.oom_at_start = _oom_kills()
+            if self.config.get("oom_detect"):
+                self.oom_at_start = _oom_kills()
             timeout = msg.get("timeout")
             now = time.monotonic()
             self.current = {
@@ -1435,7 +1462,7 @@ class Supervisor:
         directory = os.path.join(self.config["statedir"], "contexts")
         found = []
         for entry in sorted(os.listdir(directory)):
-            if entry.endswith(".json") and not entry.endswith(".part"):
+            if entry.endswith(".meta.json"):
                 try:
                     with open(os.path.join(directory, entry)) as f:
                         meta = json.load(f)
@@ -1454,16 +1481,24 @@ class Supervisor:
             "seq": msg.get("seq", len(self.contexts)),
         }
 
+    def next_seq(self) -> int:
+        return 1 + max([int(c.get("seq", 0)) for c in self.contexts] or [-1])
+
     def begin_context(self, msg: Dict[str, Any]) -> None:
-        seq = len(self.contexts)
+        seq = self.next_seq()
         directory = os.path.join(self.config["statedir"], "contexts")
+        path = os.path.join(directory, "%04d.data.%s" % (seq, msg["kind"]))
         src = msg.get("path")
         if src is not None:
-            # Already uploaded into the box by the backend's file API.
-            path = _resolve(self.config["workdir"], src)
+            # Already uploaded into the box by the backend's file API: move it out of sight.
+            try:
+                shutil.move(_resolve(self.config["workdir"], src), path)
+            except OSError as exc:
+                self.send({"op": "error", "id": msg["id"], "kind": _os_kind(exc), "message": str(exc)})
+                return
             self.commit_context(msg, path, seq)
             return
-        path = os.path.join(directory, "%04d.%s" % (seq, msg["kind"]))
+        msg["seq"] = seq
         try:
             up = _Upload(msg, path, int(msg["size"]))
         except OSError as exc:
@@ -1480,15 +1515,23 @@ class Supervisor:
         if msg["op"] == "put_file":
             self.send({"op": "done", "id": msg["id"]})
         else:
-            self.commit_context(msg, up.path, len(self.contexts))
+            self.commit_context(msg, up.path, int(msg["seq"]))
 
     def commit_context(self, msg: Dict[str, Any], path: str, seq: int) -> None:
         meta = self.context_meta(msg, path)
         meta["seq"] = seq
-        # Replace an earlier context of the same name.
+        # Replace an earlier context of the same name (and drop its files).
+        for old in self.contexts:
+            if old["name"] == meta["name"]:
+                meta_file = os.path.join(self.config["statedir"], "contexts", "%04d.meta.json" % old["seq"])
+                for stale in (old["path"], meta_file):
+                    try:
+                        os.unlink(stale)
+                    except OSError:
+                        pass
         self.contexts = [c for c in self.contexts if c["name"] != meta["name"]]
         self.contexts.append(meta)
-        meta_path = os.path.join(self.config["statedir"], "contexts", "%04d.json" % seq)
+        meta_path = os.path.join(self.config["statedir"], "contexts", "%04d.meta.json" % seq)
         with open(meta_path + ".part", "w") as f:
             json.dump(meta, f)
         os.replace(meta_path + ".part", meta_path)
@@ -1505,9 +1548,8 @@ class Supervisor:
         except OSError as exc:
             self.send({"op": "error", "id": msg["id"], "kind": _os_kind(exc), "message": str(exc)})
             # Swallow the data frames that follow: a sink upload to /dev/null.
-            self.upload = _Sink(msg, int(msg["size"]))  # type: ignore[assignment]
-            if self.upload is not None and self.upload.remaining == 0:  # type: ignore[union-attr]
-                self.upload = None
+            sink = _Sink(msg, int(msg["size"]))
+            self.upload = sink if sink.remaining else None
             return
         self.upload = up
         if up.remaining == 0:
@@ -1525,7 +1567,7 @@ class Supervisor:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                self.send({"op": "error", "id": msg["id"], "kind": "is_dir", "message": "not a regular file: %s" % path})
+                self.send({"op": "error", "id": msg["id"], "kind": "is_dir", "message": "not a file: %s" % path})
                 return
             size = st.st_size
             self.send({"op": "file", "id": msg["id"], "size": size})

@@ -29,6 +29,7 @@ from .._box import BackendConfig, Box
 from .._channel import Channel, PipeChannel
 from .._errors import SandboxStartError
 from .._limits import Limits
+from .._sandbox import Blob
 
 __all__ = ["LocalBox", "LocalConfig"]
 
@@ -172,12 +173,14 @@ class LocalBox(Box):
         os.close(out_w)
         return PipeChannel(in_w, out_r)
 
-    def upload(self, path: str, data: bytes) -> str | None:
+    def upload(self, path: str, data: Blob) -> str | None:
         """Write straight into the sandbox's directory: the box is this machine."""
         target = Path(self.workdir) / path
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".rlm-part")
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            for chunk in data.chunks():
+                f.write(chunk)
         os.replace(tmp, target)
         return path
 

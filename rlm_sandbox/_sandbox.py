@@ -358,7 +358,7 @@ class RuntimeSandbox(Sandbox):
             else:
                 var, aliases = name, []
             upload_name = f".rlm-upload-{var}.{kind}"
-            path = upload_name if self._box.upload(upload_name, data) else None
+            path = self._box.upload(upload_name, data)
             timeout = self.config.op_timeout_s
             self._op(lambda s: s.load_context(var, aliases, kind, None if path else data, path, timeout))
             if name == "context":

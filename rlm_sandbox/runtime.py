@@ -1490,12 +1490,16 @@ class Supervisor:
         path = os.path.join(directory, "%04d.data.%s" % (seq, msg["kind"]))
         src = msg.get("path")
         if src is not None:
-            # Already uploaded into the box by the backend's file API: move it out of sight.
+            # Already uploaded into the box by the backend: move it out of sight, or use it in
+            # place where it cannot move (a read-only mount of the host's upload directory).
+            src = _resolve(self.config["workdir"], src)
             try:
-                shutil.move(_resolve(self.config["workdir"], src), path)
-            except OSError as exc:
-                self.send({"op": "error", "id": msg["id"], "kind": _os_kind(exc), "message": str(exc)})
-                return
+                os.replace(src, path)
+            except OSError:
+                if not os.access(src, os.R_OK):
+                    self.send({"op": "error", "id": msg["id"], "kind": "not_found", "message": src})
+                    return
+                path = src
             self.commit_context(msg, path, seq)
             return
         msg["seq"] = seq

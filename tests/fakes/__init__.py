@@ -1,0 +1,1 @@
+"""Loopback fakes of sandbox providers, driven by the providers' real SDKs in tests."""

@@ -1,0 +1,201 @@
+"""Core pieces: registry, public surface, frames, the runtime's portability."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+import rlm_sandbox as rs
+from rlm_sandbox import runtime as rt
+
+
+def test_public_surface_is_sorted_and_complete() -> None:
+    assert rs.__all__ == sorted(rs.__all__)
+    for name in rs.__all__:
+        assert hasattr(rs, name), name
+    public = {n for n in dir(rs) if not n.startswith("_") and n not in {"backends", "runtime", "annotations"}}
+    modules = {n for n in public if type(getattr(rs, n)).__name__ == "module"}
+    assert public - modules <= set(rs.__all__)
+
+
+def test_errors_inherit_builtins() -> None:
+    assert issubclass(rs.SandboxTimeout, TimeoutError)
+    assert issubclass(rs.SandboxFileNotFound, FileNotFoundError)
+    assert issubclass(rs.BackendNotFound, LookupError)
+    assert issubclass(rs.LimitNotSupported, NotImplementedError)
+    for name in rs.__all__:
+        obj = getattr(rs, name)
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, Exception)
+            and obj is not rs.SandboxError
+            and obj.__module__.startswith("rlm_sandbox._errors")
+        ):
+            assert issubclass(obj, rs.SandboxError), name
+
+
+def test_unknown_backend_lists_installed_and_hints() -> None:
+    with pytest.raises(rs.BackendNotFound) as info:
+        rs.open_sandbox("nosuch")
+    assert "local" in str(info.value)
+    with pytest.raises(LookupError):
+        rs.backend_config("nosuch")
+
+
+def test_known_uninstalled_backend_gets_pip_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlm_sandbox import _registry
+
+    monkeypatch.setattr(_registry, "_entry_points", {})
+    monkeypatch.setattr(_registry, "_registry", {})
+    monkeypatch.setattr(_registry, "_scanned", True)
+    with pytest.raises(rs.BackendNotFound, match=r'pip install "rlm-sandbox\[e2b\]"'):
+        rs.backend_config("e2b")
+
+
+def test_local_is_registered_through_its_entry_point() -> None:
+    import importlib.metadata
+
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="rlm_sandbox.backends")}
+    assert eps["local"] == "rlm_sandbox.backends.local:LocalConfig"
+    assert rs.backend_config("local") is rs.LocalConfig
+
+
+def test_register_backend_refuses_silent_overwrite() -> None:
+    class Other(rs.LocalConfig):
+        pass
+
+    rs.register_backend("other-local", Other)
+    try:
+        with pytest.raises(rs.ConfigError):
+            rs.register_backend("other-local", rs.LocalConfig)
+        rs.register_backend("other-local", rs.LocalConfig, replace=True)
+        assert rs.backend_config("other-local") is rs.LocalConfig
+    finally:
+        from rlm_sandbox import _registry
+
+        _registry._registry.pop("other-local", None)
+
+
+def test_configs_forbid_unknown_options() -> None:
+    with pytest.raises(rs.ConfigError, match="no_such_option"):
+        rs.open_sandbox("local", no_such_option=1)
+    with pytest.raises(ValueError):
+        rs.Limits(memory_mb=-1)
+    with pytest.raises(ValueError):
+        rs.Limits(unknown=1)  # type: ignore[call-arg]
+
+
+def test_unenforceable_limit_raises_unless_best_effort() -> None:
+    with pytest.raises(rs.LimitNotSupported, match="disk_mb"):
+        rs.open_sandbox("local", limits=rs.Limits(disk_mb=100))
+    with rs.open_sandbox("local", limits=rs.Limits(disk_mb=100, best_effort=True)) as sb:
+        assert "disk_mb" in sb.unenforced_limits
+        assert sb.execute("print(1)").stdout == "1\n"
+
+
+def test_fractional_cpus_locally() -> None:
+    with pytest.raises(rs.LimitNotSupported, match="cpus"):
+        rs.open_sandbox("local", limits=rs.Limits(cpus=0.5))
+    with rs.open_sandbox("local", limits=rs.Limits(cpus=1)) as sb:
+        r = sb.execute("import os\nprint(len(os.sched_getaffinity(0)))")
+        assert r.stdout == "1\n"
+
+
+def test_frames_reject_garbage_at_once() -> None:
+    reader = rt.FrameReader(max_message=1024)
+    with pytest.raises(rt.ProtocolError, match="magic"):
+        reader.feed(b"garbage!")
+    reader = rt.FrameReader(max_message=1024)
+    with pytest.raises(rt.ProtocolError, match="exceeds"):
+        reader.feed(rt.HEADER.pack(rt.MAGIC, rt.T_JSON, 1 << 31))
+    reader = rt.FrameReader(max_message=1024)
+    with pytest.raises(rt.ProtocolError, match="type"):
+        reader.feed(rt.HEADER.pack(rt.MAGIC, 0x01, 3) + b"abc")
+
+
+def test_frames_split_anywhere_and_text_mode() -> None:
+    frames = rt.message({"op": "a", "x": "\u00e9"}) + rt.data_frame(7, b"\x00\xff" * 1000) + rt.message({"op": "b"})
+    for text_mode in (False, True):
+        raw = frames
+        if text_mode:
+            raw = (
+                rt.message({"op": "a", "x": "\u00e9"}, True)
+                + rt.data_frame(7, b"\x00\xff" * 1000, True)
+                + rt.message({"op": "b"}, True)
+            )
+        reader = rt.FrameReader(text_mode=text_mode)
+        out = []
+        for i in range(0, len(raw), 3):
+            out += reader.feed(raw[i : i + 3])
+        assert [k for k, _ in out] == [rt.T_JSON, rt.T_DATA, rt.T_JSON]
+        assert rt.parse_message(out[0][1]) == {"op": "a", "x": "\u00e9"}
+        assert rt.split_data(out[1][1]) == (7, b"\x00\xff" * 1000)
+
+
+def test_values_codec() -> None:
+    value = {"a": [1, 2.5, None, True, "s", b"\x00"], "t": (1, 2)}
+    assert rt.decode_value(rt.encode_value(value)) == {"a": [1, 2.5, None, True, "s", b"\x00"], "t": [1, 2]}
+    with pytest.raises(TypeError):
+        rt.encode_value({1: 2})
+    with pytest.raises(TypeError):
+        rt.encode_value(object())
+
+
+def test_runtime_is_stdlib_only_and_python38_syntax() -> None:
+    src = Path(rt.__file__).read_text()
+    tree = ast.parse(src, feature_version=(3, 8))
+    import sys
+
+    allowed = set(sys.stdlib_module_names) | {"__future__"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [(node.module or "").split(".")[0]]
+        else:
+            continue
+        for name in names:
+            assert name in allowed, f"runtime imports non-stdlib {name}"
+
+
+def test_bootstrap_is_small_and_binary_safe() -> None:
+    assert len(rt.BOOTSTRAP) < 600
+    assert "\x00" not in rt.BOOTSTRAP
+
+
+def test_open_by_config_object() -> None:
+    cfg = rs.LocalConfig(env={"GREETING": "hi"})
+    opener = functools.partial(rs.open_sandbox, cfg)
+    with opener() as sb:
+        assert sb.execute("import os\nprint(os.environ['GREETING'])").stdout == "hi\n"
+    with pytest.raises(rs.ConfigError):
+        rs.open_sandbox(cfg, python="x")
+
+
+def test_env_passthrough_is_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALLOWED_VAR", "yes")
+    monkeypatch.setenv("OTHER_SECRET", "no")
+    with rs.open_sandbox("local", env_passthrough=("ALLOWED_VAR",)) as sb:
+        r = sb.execute("import os\nprint(os.environ.get('ALLOWED_VAR'), os.environ.get('OTHER_SECRET'))")
+        assert r.stdout == "yes None\n"
+
+
+def test_echo_mode_prints_last_expression() -> None:
+    with rs.open_sandbox("local") as sb:
+        assert sb.execute("1 + 1").stdout == ""
+        assert isinstance(sb, rs.RuntimeSandbox)
+        assert sb.execute("x = 2\nx * 21", echo=True).stdout == "42\n"
+
+
+def test_cli_exec_and_backends(capsys: pytest.CaptureFixture[str]) -> None:
+    from rlm_sandbox.cli import main
+
+    assert main(["exec", "-c", "print(6 * 7)"]) == 0
+    assert capsys.readouterr().out == "42\n"
+    assert main(["exec", "-c", "1/0"]) == 1
+    assert "ZeroDivisionError" in capsys.readouterr().err
+    assert main(["backends"]) == 0
+    assert "local" in capsys.readouterr().out

@@ -37,7 +37,7 @@ from ._errors import (
 from ._limits import Limits
 from ._registry import available_backends, backend_config, open_sandbox, register_backend, registry
 from ._results import CodeError, ExecResult, Outcome
-from ._sandbox import RuntimeSandbox, Sandbox
+from ._sandbox import RuntimeSandbox, Sandbox, close_all
 from .backends.local import LocalConfig
 
 __version__ = "0.1.0"
@@ -75,6 +75,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "backend_config",
+    "close_all",
     "open_sandbox",
     "register_backend",
     "registry",

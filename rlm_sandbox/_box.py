@@ -123,6 +123,14 @@ class BackendConfig(BaseModel, ABC):
         """Return ``None`` if this backend is usable here, else the reason it is not."""
         return None
 
+    def gc(self, *, older_than_s: float | None = None, dry_run: bool = False, all_hosts: bool = False) -> list[str]:
+        """Remove boxes that crashed hosts left behind; return their ids.
+
+        A box is collected when the host process that created it is gone, when its lifetime
+        has passed, or when it is older than ``older_than_s``. ``dry_run`` only lists them.
+        """
+        return []
+
     def passthrough_env(self, host_env: dict[str, str]) -> dict[str, str]:
         """The environment for the box: the allow-listed host variables, then ``env``."""
         out = {k: host_env[k] for k in self.env_passthrough if k in host_env}

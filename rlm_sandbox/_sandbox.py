@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
+import signal
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -28,7 +32,7 @@ from ._session import ChannelLost, RuntimeUnresponsive, Session
 if TYPE_CHECKING:
     from ._box import BackendConfig, Box
 
-__all__ = ["ContextPayload", "RuntimeSandbox", "Sandbox"]
+__all__ = ["ContextPayload", "RuntimeSandbox", "Sandbox", "close_all"]
 
 ContextPayload = str | bytes | bytearray | dict[str, Any] | list[Any]
 
@@ -126,6 +130,52 @@ class Sandbox(ABC):
         self.close()
 
 
+_open_sandboxes: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+_exit_hooks_installed = False
+_hooks_lock = threading.Lock()
+
+
+def close_all() -> int:
+    """Close every sandbox still open in this process; returns how many were closed.
+
+    Runs automatically at normal interpreter exit and on SIGTERM (when the application has not
+    installed its own SIGTERM handler; then call it from yours).
+    """
+    closed = 0
+    for sb in list(_open_sandboxes):
+        try:
+            if not sb.closed:
+                sb.close()
+                closed += 1
+        except Exception:
+            pass
+    return closed
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    close_all()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _track(sb: Sandbox) -> None:
+    global _exit_hooks_installed
+    _open_sandboxes.add(sb)
+    if _exit_hooks_installed:
+        return
+    with _hooks_lock:
+        if _exit_hooks_installed:
+            return
+        _exit_hooks_installed = True
+        atexit.register(close_all)
+        if threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                    signal.signal(signal.SIGTERM, _on_sigterm)
+            except (ValueError, OSError):
+                pass
+
+
 @functools.cache
 def runtime_source() -> bytes:
     """The runtime file's bytes, as sent into every box."""
@@ -205,6 +255,7 @@ class RuntimeSandbox(Sandbox):
         except BaseException:
             self._teardown()
             raise
+        _track(self)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

@@ -208,6 +208,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from ._registry import make_config
+
+    config = make_config(args.backend, _options(args.option))
+    ids = config.gc(older_than_s=args.older_than, dry_run=args.dry_run, all_hosts=args.all_hosts)
+    verb = "would remove" if args.dry_run else "removed"
+    for box_id in ids:
+        print(f"{verb} {box_id}")
+    print(f"{args.backend}: {verb} {len(ids)} sandbox(es)", file=sys.stderr)
+    return 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    try:
+        from rlm_sandbox_docker import build_image
+    except ImportError:
+        print('rlm-sandbox: the docker backend is not installed: pip install "rlm-sandbox[docker]"', file=sys.stderr)
+        return 2
+    image = build_image(tag=args.tag, base=args.base, progress=None if args.quiet else print)
+    print(f"built {args.tag} ({image})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlm-sandbox", description="Sandboxed REPLs for Recursive Language Models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backends", help="installed backends and whether each is usable here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backends)
+
+    p = sub.add_parser("gc", help="remove sandboxes that crashed hosts left behind")
+    p.add_argument("--backend", "-b", required=True)
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--older-than", type=float, metavar="SECONDS", help="also remove sandboxes older than this")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--all-hosts", action="store_true", help="consider sandboxes created by other hosts (by age)")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("image", help="build the default Docker sandbox image")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--tag", default="rlm-sandbox:latest")
+    p.add_argument("--base", default="python:3.12-slim", help="base image with python3 (3.8+)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_image)
 
     p = sub.add_parser("bench", help="measure a backend's speed (p50/p95)")
     p.add_argument("--backend", "-b", default="local")

@@ -345,6 +345,22 @@ def _descendants(pid: int) -> List[int]:
     return out
 
 
+def _user_tasks() -> int:
+    """Tasks (processes and threads) of this uid, as RLIMIT_NPROC counts them."""
+    uid = os.getuid()
+    count = 0
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not name.isdigit():
+            continue
+        try:
+            st = os.stat("/proc/" + name)
+            if st.st_uid == uid:
+                count += len(os.listdir("/proc/%s/task" % name))
+        except OSError:
+            continue
+    return count
+
+
 def _oom_kills() -> Optional[int]:
     """The box's cgroup OOM-kill counter (v2 memory.events or v1 memory.oom_control)."""
     for path, key in (
@@ -1382,13 +1398,20 @@ class Supervisor:
             os.makedirs(path, exist_ok=True)
             cfg[key] = path
         os.makedirs(os.path.join(cfg["statedir"], "contexts"), exist_ok=True)
+        # "try": isolate if the OS lets us, but the box already keeps the network out.
+        isolated = False
         if cfg.get("unshare_net"):
             err = _unshare_network()
-            if err:
+            isolated = err is None
+            if err and cfg["unshare_net"] != "try":
                 failed["network"] = err
         pids = cfg.get("cgroup_pids")
         if pids:
             err = self.make_pids_cgroup(int(pids), cfg)
+            if err and cfg.get("pids_nproc_fallback") and os.getuid() != 0:
+                # Not root: RLIMIT_NPROC counts this user's tasks, which in a box are ours.
+                cfg.setdefault("rlimits", {})["nproc"] = _user_tasks() + int(pids)
+                err = None
             if err:
                 failed["pids"] = err
         self.config = cfg
@@ -1417,6 +1440,7 @@ class Supervisor:
                 "failed": failed,
                 "workdir": cfg["workdir"],
                 "contexts": [c["name"] for c in self.contexts],
+                "network_namespace": isolated,
             }
         )
 

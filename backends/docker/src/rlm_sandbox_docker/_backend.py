@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -34,20 +32,12 @@ from rlm_sandbox import (
     SandboxTimeout,
     TransientSandboxError,
 )
+from rlm_sandbox._owner import owner_labels
 from rlm_sandbox._sandbox import Blob
 
 from ._channel import DockerExecChannel
 
 __all__ = ["DockerBox", "DockerConfig", "Mount"]
-
-#: Label keys put on every container (the reaper finds sandboxes by them).
-LABEL = "rlm-sandbox"
-LABEL_HOST = "rlm-sandbox.host"
-LABEL_PID = "rlm-sandbox.pid"
-LABEL_PID_START = "rlm-sandbox.pid-start"
-LABEL_CREATED = "rlm-sandbox.created"
-LABEL_EXPIRES = "rlm-sandbox.expires"
-
 
 class Mount(BaseModel):
     """A host path or named volume mounted into the sandbox."""
@@ -60,16 +50,6 @@ class Mount(BaseModel):
     """Path inside the sandbox."""
     read_only: bool = True
     """Mounted read-only unless you say otherwise."""
-
-
-def _process_start_time(pid: int) -> str:
-    """The kernel's start time of a process (to tell a live owner from a recycled pid)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return stat[stat.rindex(b")") + 2 :].split()[19].decode()
-    except (OSError, ValueError, IndexError):
-        return ""
 
 
 @contextlib.contextmanager
@@ -210,20 +190,6 @@ class DockerBox(Box):
 
     # ---- creation ---------------------------------------------------------------------------
 
-    def _labels(self, limits: Limits) -> dict[str, str]:
-        now = time.time()
-        labels = {
-            LABEL: "1",
-            LABEL_HOST: socket.gethostname(),
-            LABEL_PID: str(os.getpid()),
-            LABEL_PID_START: _process_start_time(os.getpid()),
-            LABEL_CREATED: f"{now:.0f}",
-        }
-        if limits.lifetime_s is not None:
-            labels[LABEL_EXPIRES] = f"{now + limits.lifetime_s:.0f}"
-        labels.update(self.config.labels)
-        return labels
-
     def _local_engine(self) -> bool:
         url = self.config.base_url or os.environ.get("DOCKER_HOST", "unix://")
         return url.startswith(("unix://", "npipe://")) or url == ""
@@ -259,7 +225,7 @@ class DockerBox(Box):
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             pids_limit=limits.pids or cfg.default_pids,
-            labels=self._labels(limits),
+            labels=owner_labels(limits.lifetime_s, self.config.labels),
             volumes=volumes or None,
             working_dir=cfg.workdir,
             environment={},
@@ -419,7 +385,3 @@ def build_image(
         return image_id or tag
     finally:
         client.close()
-
-
-def new_sandbox_label() -> str:
-    return uuid.uuid4().hex[:12]

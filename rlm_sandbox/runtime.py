@@ -312,7 +312,8 @@ def _loopback_up() -> None:
         pass
 
 
-def _children_map() -> Dict[int, List[int]]:
+def _children_map(live_only: bool = False) -> Dict[int, List[int]]:
+    """ppid -> children from /proc (``live_only``: leave zombies out, but walk through them)."""
     kids: Dict[int, List[int]] = {}
     try:
         names = os.listdir("/proc")
@@ -327,21 +328,26 @@ def _children_map() -> Dict[int, List[int]]:
         except OSError:
             continue
         try:
-            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            ppid = int(fields[1])
         except (ValueError, IndexError):
             continue
-        kids.setdefault(ppid, []).append(int(name))
+        pid = int(name)
+        if live_only and fields[0] in (b"Z", b"X"):
+            pid = -pid  # a zombie: not alive, but its pid may still parent live processes
+        kids.setdefault(ppid, []).append(pid)
     return kids
 
 
-def _descendants(pid: int) -> List[int]:
-    kids = _children_map()
+def _descendants(pid: int, live_only: bool = False) -> List[int]:
+    kids = _children_map(live_only)
     out: List[int] = []
     todo = [pid]
     while todo:
         for child in kids.get(todo.pop(), ()):
-            out.append(child)
-            todo.append(child)
+            if child > 0:
+                out.append(child)
+            todo.append(abs(child))
     return out
 
 
@@ -723,6 +729,12 @@ class Worker:
                     self.link.send({"op": "done", "id": msg["id"]})
                 elif op == "ping":
                     self.link.send({"op": "pong", "id": msg.get("id")})
+                elif op == "reap":
+                    for pid in msg.get("pids", []):
+                        try:
+                            os.waitpid(int(pid), 0)
+                        except (ChildProcessError, OSError, ValueError):
+                            pass
             except KeyboardInterrupt:
                 self.link.send({"op": "error", "id": msg.get("id"), "kind": "interrupted"})
             except Exception as exc:
@@ -1014,6 +1026,27 @@ class Supervisor:
                 self.reap(block_for=0.01)
         self.reap()
 
+    def kill_strays(self) -> List[int]:
+        """SIGKILL every descendant except the worker itself; returns their pids."""
+        if not sys.platform.startswith("linux"):
+            return []
+        me, seen = os.getpid(), set()  # type: int, Set[int]
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            # Until none is left alive: a killed process stays "running" until it gets CPU time to
+            # die, and may fork once more before that.
+            pids = [p for p in _descendants(me, live_only=True) if p != self.worker_pid]
+            if not pids:
+                break
+            seen.update(pids)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.reap(block_for=0.01)
+        return sorted(seen)
+
     def reap(self, block_for: float = 0.0) -> Optional[int]:
         """Reap every exited child; return the worker's status if it was among them."""
         status_of_worker = None
@@ -1281,6 +1314,14 @@ class Supervisor:
         reply["duration"] = time.monotonic() - cur["started"]
         if cur.get("timed_out") and reply.get("outcome") == "ok":
             reply["outcome"] = "interrupted"
+        if cur.get("timed_out") and reply.get("outcome") == "interrupted":
+            # Runaway code stops: every process the cells started (a fork bomb's copies of the
+            # REPL included) dies with the timeout; the REPL and its variables stay.
+            killed = self.kill_strays()
+            reply["killed_processes"] = len(killed)
+            if killed:
+                # Those that were the REPL's own children are zombies until it reaps them.
+                self.to_worker({"op": "reap", "pids": killed})
         if self.lost_note:
             reply["state_lost"] = True
             reply["message"] = "earlier, between cells: " + self.lost_note

@@ -143,6 +143,22 @@ class TimeoutContract(SandboxFixtures):
         assert time.monotonic() - start < 0.5 + 3
         assert sandbox.get_variable("kept") == [1, 2, 3]
 
+    def test_timeout_stops_the_cells_processes(self, sandbox: Sandbox) -> None:
+        code = (
+            "import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(1)'],"
+            " start_new_session=True)\n"
+            "child = p.pid\n"
+            "while True:\n    time.sleep(0.01)\n"
+        )
+        r = sandbox.execute(code, timeout_s=1.0)
+        assert r.outcome is Outcome.INTERRUPTED and not r.state_lost
+        r = _run(
+            sandbox,
+            "import os\ntry:\n    os.kill(child, 0)\n    print('alive')\nexcept ProcessLookupError:\n    print('gone')",
+        )
+        assert r.stdout == "gone\n"
+
     def test_ignoring_the_interrupt_gets_killed(
         self, open_box: OpenBox, kill_grace_slack_s: float
     ) -> None:

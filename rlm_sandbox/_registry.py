@@ -104,7 +104,7 @@ def available_backends() -> dict[str, str | None]:
             out[name] = str(exc)
         except ValidationError as exc:
             out[name] = f"needs configuration: {exc.errors()[0].get('msg', exc)}"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not break the listing
             out[name] = f"{type(exc).__name__}: {exc}"
     return out
 

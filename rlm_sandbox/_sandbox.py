@@ -147,7 +147,7 @@ def close_all() -> int:
             if not sb.closed:
                 sb.close()
                 closed += 1
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort at exit
             pass
     return closed
 

@@ -215,7 +215,7 @@ class Session:
             try:
                 value = fn(*rt.decode_value(args), **rt.decode_value(kwargs))
                 reply = {"op": "call_result", "id": cid, "ok": True, "value": rt.encode_value(value)}
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - every host error goes back as data
                 reply = {
                     "op": "call_result",
                     "id": cid,

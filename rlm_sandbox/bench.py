@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ def run_bench(
     context_mb: int = 100,
     n_context: int = 3,
     with_context_exec: bool = True,
+    n_scale: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
     """Measure a backend. Each figure is taken on warm sandboxes except open-to-first-result."""
@@ -113,6 +116,10 @@ def run_bench(
                 results.append(r)
             del text
 
+    if n_scale:
+        say(f"{n_scale} sandboxes at once")
+        results.extend(_scale(backend, opts, n_scale))
+
     say("open to first result")
     r = BenchResult("open to first result", goal="local p50 <= 60 ms; docker p50 <= 400 ms")
     closers = []
@@ -128,6 +135,58 @@ def run_bench(
         sb2.close()
     results.append(r)
     return results
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _scale(backend: str, opts: dict[str, Any], n: int) -> list[BenchResult]:
+    """Open ``n`` sandboxes at once (from n threads), each runs a cell; host cost per sandbox."""
+    import gc
+
+    gc.collect()
+    rss0, threads0 = _rss_bytes(), threading.active_count()
+    boxes: list[Any] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        try:
+            sb = open_sandbox(backend, limits=Limits(memory_mb=256), **opts)
+            with lock:
+                boxes.append(sb)
+            r = sb.execute(f"print({i} * 2)")
+            if r.stdout != f"{i * 2}\n":
+                raise RuntimeError(f"wrong answer from sandbox {i}: {r}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - t0
+    try:
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {n} sandboxes failed: {errors[0]!r}")
+        gc.collect()
+        per_box = (_rss_bytes() - rss0) / max(len(boxes), 1)
+        per_threads = (threading.active_count() - threads0) / max(len(boxes), 1)
+    finally:
+        for sb in boxes:
+            sb.close()
+    return [
+        BenchResult(f"{n} sandboxes opened at once, each ran a cell", [_ms(wall)], goal="docker: 32, all correct"),
+        BenchResult("host memory per open sandbox", [per_box / (1 << 20)], unit="MB", goal="docker <= 5 MB"),
+        BenchResult("host threads per open sandbox", [per_threads], unit="", goal=""),
+    ]
 
 
 def format_table(backend: str, results: list[BenchResult]) -> str:

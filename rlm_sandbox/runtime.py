@@ -452,6 +452,26 @@ class ReadBuffer:
         return self.view[:n].tobytes()
 
 
+def wait_readable(
+    fds: List[int], timeout: Optional[float], spin: float, wfds: Optional[List[int]] = None
+) -> Tuple[List[int], List[int]]:
+    """select() that first polls for up to ``spin`` seconds: a reply that comes within
+    microseconds is then seen without the cost of putting the CPU to sleep and waking it."""
+    w = wfds or []
+    if spin > 0:
+        end = time.perf_counter() + min(spin, timeout if timeout is not None else spin)
+        while True:
+            r, ww, _ = select.select(fds, w, [], 0)
+            if r or ww or time.perf_counter() >= end:
+                break
+        if r or ww:
+            return r, ww
+        if timeout is not None:
+            timeout = max(timeout - spin, 0.0)
+    r, ww, _ = select.select(fds, w, [], timeout)
+    return r, ww
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -520,6 +540,7 @@ class _Link:
         self.commands: Deque[Dict[str, Any]] = deque()
         self.ids = itertools.count(1)
         self.rbuf = ReadBuffer()
+        self.spin = 0.0
 
     def send(self, msg: Dict[str, Any]) -> None:
         data = message(msg)
@@ -558,7 +579,7 @@ class _Link:
                 self.reading = True
                 cond.release()
                 try:
-                    select.select([self.rfd], [], [])
+                    wait_readable([self.rfd], None, self.spin)
                     self.intr.enter()
                     try:
                         data = self.rbuf.read(self.rfd)
@@ -611,6 +632,7 @@ class Worker:
         self.config = config
         self.intr = _Interrupts()
         self.link = _Link(rfd, wfd, self.intr)
+        self.link.spin = float(config.get("spin_s", 0.0))
         self.ns: Dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         self.functions: Dict[str, Callable[..., Any]] = {}
         self.cells = 0
@@ -682,7 +704,7 @@ class Worker:
         for ctx in self.config.get("contexts", []):
             try:
                 self.load_one(ctx)
-            except Exception as exc:  # a context file deleted by user code
+            except Exception as exc:  # noqa: BLE001 - a context file deleted by user code
                 sys.stderr.write("rlm-sandbox: cannot reload context %s: %s\n" % (ctx["name"], exc))
 
     def load_one(self, ctx: Dict[str, Any]) -> None:
@@ -737,7 +759,7 @@ class Worker:
                             pass
             except KeyboardInterrupt:
                 self.link.send({"op": "error", "id": msg.get("id"), "kind": "interrupted"})
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the op fails, the REPL lives on
                 self.link.send(
                     {"op": "error", "id": msg.get("id"), "kind": "failed", "message": repr(exc)}
                 )
@@ -800,7 +822,7 @@ class Worker:
             except KeyboardInterrupt:
                 outcome = "interrupted"
                 error = self.describe(sys.exc_info())
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - the worker must never die of its own error handling
                 outcome = "error"
                 error = self.describe(sys.exc_info())
         for name, fn in self.functions.items():
@@ -873,11 +895,11 @@ def _worker_main(config: Dict[str, Any], fds: Dict[str, int]) -> None:
         sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr  # type: ignore[misc]
         Worker(config, fds["cmd_r"], fds["rep_w"]).run()
         code = 0
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - report why the worker died, then exit
         try:
             traceback.print_exc()
             sys.stderr.flush()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - nothing left to report to
             pass
     finally:
         os._exit(code)
@@ -959,6 +981,7 @@ class Supervisor:
         self.oom_at_start: Optional[int] = None
         self.ready = False
         self.lost_note = ""
+        self.spin = 0.0
 
     # ---- channel --------------------------------------------------------------------------
 
@@ -1138,7 +1161,7 @@ class Supervisor:
     def shutdown(self) -> None:
         try:
             self.kill_tree()
-        except Exception:
+        except Exception:  # noqa: BLE001 - shutting down regardless
             pass
         if self.cgroup_dir:
             try:
@@ -1157,7 +1180,7 @@ class Supervisor:
                     wlist.append(fds["cmd_w"])
             timeout = self.next_deadline()
             try:
-                r, w, _ = select.select(rlist, wlist, [], timeout)
+                r, w = wait_readable(rlist, timeout, self.spin, wlist)
             except InterruptedError:
                 continue
             if self.wake_r in r:
@@ -1326,6 +1349,7 @@ class Supervisor:
             reply["state_lost"] = True
             reply["message"] = "earlier, between cells: " + self.lost_note
             self.lost_note = ""
+        self.spin = 0.0
         if extra:
             reply.update(extra)
         self.send(reply)
@@ -1456,6 +1480,7 @@ class Supervisor:
             if err:
                 failed["pids"] = err
         self.config = cfg
+        self.spin = float(cfg.get("spin_s", 0.0))
         self.stdout = OutputBuffer(int(cfg.get("output_bytes", 1 << 20)))
         self.stderr = OutputBuffer(int(cfg.get("output_bytes", 1 << 20)))
         self.contexts = self.scan_contexts()

@@ -192,7 +192,7 @@ def test_32_sandboxes_at_once() -> None:
                 boxes.append(sb)
             r = sb.execute(f"print({i} * {i})")
             results[i] = r.stdout.strip()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]

@@ -145,7 +145,7 @@ class DockerConfig(BackendConfig):
                 client.close()
         except SandboxError as exc:
             return str(exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any engine problem means not usable
             name = type(exc).__name__
             if name == "ImageNotFound":
                 return f"image {self.image} not found: build it with `rlm-sandbox image build`"

@@ -35,6 +35,12 @@ class Box(ABC):
     statedir: str = ".rlm"
     #: The Python interpreter to run inside the box.
     python: str = "python3"
+    #: Whether the channel this box hands over is not binary-safe (the runtime then speaks base64
+    #: lines); must match ``Channel.text_mode`` of what :meth:`launch` returns.
+    text_mode: bool = False
+    #: Path inside the box of a file identical to ``rlm_sandbox/runtime.py`` (e.g. baked into the
+    #: image), or None: then the runtime's source is sent over the channel at start.
+    baked_runtime: str | None = None
     #: Options for the runtime: the limits it enforces on itself because the box does not
     #: (``rlimits``, ``unshare_net``, ``cgroup_pids``, ``affinity``, ``memory_mb``).
     runtime_options: dict[str, Any]

@@ -182,6 +182,14 @@ def runtime_source() -> bytes:
     return Path(rt.__file__).read_bytes()
 
 
+@functools.cache
+def runtime_sha256() -> str:
+    """Identifies this exact runtime (images carry it in the label ``org.rlm-sandbox.runtime-sha256``)."""
+    import hashlib
+
+    return hashlib.sha256(runtime_source()).hexdigest()
+
+
 class Blob:
     """Bytes to send into a box, produced in chunks (a 100 MB ASCII str is never copied whole)."""
 
@@ -304,7 +312,12 @@ class RuntimeSandbox(Sandbox):
         return cfg
 
     def _start_runtime(self) -> None:
-        channel = self._box.launch([self._box.python, "-u", "-c", rt.BOOTSTRAP])
+        baked = self._box.baked_runtime
+        if baked is not None:
+            code = rt.LOAD_BAKED % (baked, "b64" if self._box.text_mode else "raw")
+            channel = self._box.launch([self._box.python, "-u", "-c", code])
+        else:
+            channel = self._box.launch([self._box.python, "-u", "-c", rt.BOOTSTRAP])
         session = Session(
             channel,
             functions=self.functions,
@@ -314,7 +327,8 @@ class RuntimeSandbox(Sandbox):
             name=self.id,
         )
         try:
-            hello = session.start(runtime_source(), self._runtime_config(), self.config.startup_timeout_s)
+            source = None if baked is not None else runtime_source()
+            hello = session.start(source, self._runtime_config(), self.config.startup_timeout_s)
         except SandboxError as exc:
             session.close()
             raise SandboxStartError(f"the runtime did not start in the {self.backend} box: {exc}") from exc

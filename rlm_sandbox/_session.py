@@ -231,10 +231,11 @@ class Session:
 
     # ---- operations ---------------------------------------------------------------------------
 
-    def start(self, source: bytes, config: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send the runtime's source and its init message; return the runtime's hello."""
-        mode = b"b64" if self.text_mode else b"raw"
-        self._send(b"%d %s\n" % (len(source), mode) + source)
+    def start(self, source: bytes | None, config: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send the runtime's source (unless the box has it) and the init message; return hello."""
+        if source is not None:
+            mode = b"b64" if self.text_mode else b"raw"
+            self._send(b"%d %s\n" % (len(source), mode) + source)
         self.hello = self._request({"op": "init", "config": config}, timeout)
         return self.hello
 

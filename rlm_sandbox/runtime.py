@@ -80,6 +80,17 @@ BOOTSTRAP = (
 )
 
 
+#: What the host runs when the box already holds an identical copy of this file (``%r`` is its
+#: path, then the mode): imported as a module, so a precompiled ``.pyc`` next to it is used.
+LOAD_BAKED = (
+    "import importlib.util as u\n"
+    "s=u.spec_from_file_location('rlm_runtime',%r)\n"
+    "m=u.module_from_spec(s)\n"
+    "s.loader.exec_module(m)\n"
+    "m.main(%r)\n"
+)
+
+
 class ProtocolError(Exception):
     """The byte stream does not follow the protocol (bad magic, oversized frame, bad JSON)."""
 

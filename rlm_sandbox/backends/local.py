@@ -25,6 +25,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from .. import runtime as rt
 from .._box import BackendConfig, Box
 from .._channel import Channel, PipeChannel
 from .._errors import SandboxStartError
@@ -101,6 +102,8 @@ class LocalBox(Box):
         (work / ".tmp").mkdir()
         self.workdir = str(work)
         self.statedir = str(self.root / "state")
+        # The runtime is this package's own file (and its .pyc): nothing to send or compile.
+        self.baked_runtime = str(Path(rt.__file__).resolve())
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
         self._plan_limits(limits)

@@ -208,3 +208,28 @@ def test_32_sandboxes_at_once() -> None:
     finally:
         for sb in boxes:
             sb.close()
+
+
+def test_cli_builds_the_image_and_it_runs_sandboxes() -> None:
+    import docker
+
+    tag = "rlm-sandbox:cli-build-test"
+    out = subprocess.run(
+        [sys.executable, "-m", "rlm_sandbox.cli", "image", "build", "--base", "rlm-sandbox-base:bookworm",
+         "--tag", tag, "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if out.returncode != 0 and "rlm-sandbox-base:bookworm" in out.stdout + out.stderr:
+        pytest.skip("the offline base image is not built here (.ci/docker-setup.sh builds it)")
+    assert out.returncode == 0, out.stderr
+    client = docker.from_env()
+    try:
+        labels = client.images.get(tag).labels
+        assert labels.get("org.rlm-sandbox.runtime-sha256")
+        with rs.open_sandbox("docker", image=tag) as sb:
+            assert sb.execute("import os\nprint(os.getuid())").stdout == "10001\n"
+    finally:
+        client.images.remove(tag, force=True)
+        client.close()

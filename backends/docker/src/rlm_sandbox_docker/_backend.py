@@ -33,11 +33,17 @@ from rlm_sandbox import (
     TransientSandboxError,
 )
 from rlm_sandbox._owner import owner_labels
-from rlm_sandbox._sandbox import Blob
+from rlm_sandbox._sandbox import Blob, runtime_sha256
 
 from ._channel import DockerExecChannel
 
 __all__ = ["DockerBox", "DockerConfig", "Mount"]
+
+#: Where the image recipe bakes the runtime, and the label that says which runtime it is.
+BAKED_RUNTIME = "/opt/rlm-sandbox/runtime.py"
+RUNTIME_LABEL = "org.rlm-sandbox.runtime-sha256"
+_baked_cache: dict[str, bool] = {}
+
 
 class Mount(BaseModel):
     """A host path or named volume mounted into the sandbox."""
@@ -187,8 +193,21 @@ class DockerBox(Box):
             self._cleanup_host_side()
             raise
         self.id = self._container.id[:12]
+        if self._image_has_our_runtime():
+            self.baked_runtime = BAKED_RUNTIME
 
     # ---- creation ---------------------------------------------------------------------------
+
+    def _image_has_our_runtime(self) -> bool:
+        """Whether the image carries this exact runtime (its sha256 label), cached per image id."""
+        image_id = self._container.attrs.get("Image", "")
+        if image_id not in _baked_cache:
+            try:
+                labels = self.client.images.get(image_id).labels or {}
+            except Exception:  # noqa: BLE001 - without the label the source is simply sent
+                labels = {}
+            _baked_cache[image_id] = labels.get(RUNTIME_LABEL) == runtime_sha256()
+        return _baked_cache[image_id]
 
     def _local_engine(self) -> bool:
         url = self.config.base_url or os.environ.get("DOCKER_HOST", "unix://")
@@ -367,7 +386,7 @@ def build_image(
                 fileobj=buf,
                 custom_context=True,
                 tag=tag,
-                buildargs={"BASE": base},
+                buildargs={"BASE": base, "RUNTIME_SHA256": runtime_sha256()},
                 rm=True,
                 decode=True,
                 pull=False,

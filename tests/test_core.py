@@ -199,3 +199,22 @@ def test_cli_exec_and_backends(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ZeroDivisionError" in capsys.readouterr().err
     assert main(["backends"]) == 0
     assert "local" in capsys.readouterr().out
+
+
+class _SendSourceConfig(rs.LocalConfig):
+    """The local backend, but the runtime's source goes over the channel (as for bare images)."""
+
+    def create_box(self, limits: rs.Limits) -> rs.Box:
+        box = super().create_box(limits)
+        box.baked_runtime = None
+        return box
+
+
+def test_runtime_source_sent_over_the_channel() -> None:
+    with rs.open_sandbox(_SendSourceConfig(), functions={"twice": lambda x: 2 * x}) as sb:
+        assert sb.box.baked_runtime is None  # type: ignore[attr-defined]
+        sb.load_context("ctx")
+        r = sb.execute("print(twice(21), context)")
+        assert r.stdout == "42 ctx\n"
+        assert sb.execute("import os\nos._exit(1)").outcome is rs.Outcome.CRASHED
+        assert sb.execute("print(context)").stdout == "ctx\n"

@@ -218,3 +218,26 @@ def test_runtime_source_sent_over_the_channel() -> None:
         assert r.stdout == "42 ctx\n"
         assert sb.execute("import os\nos._exit(1)").outcome is rs.Outcome.CRASHED
         assert sb.execute("print(context)").stdout == "ctx\n"
+
+
+def test_local_gc_removes_what_a_killed_host_left(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import rlm_sandbox as rs, sys\n"
+        f"sb = rs.open_sandbox('local', root={str(tmp_path)!r})\n"
+        "sb.execute('x = 1')\nprint('ready', flush=True)\nimport time\ntime.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        live = rs.LocalConfig(root=str(tmp_path))
+        assert live.gc(dry_run=True) == []  # its owner is alive
+        proc.kill()
+        proc.wait()
+    left = list(tmp_path.glob("rlm-sandbox-*"))
+    assert len(left) == 1
+    assert len(rs.LocalConfig(root=str(tmp_path)).gc(dry_run=True)) == 1
+    assert len(rs.LocalConfig(root=str(tmp_path)).gc()) == 1
+    assert list(tmp_path.glob("rlm-sandbox-*")) == []

@@ -11,6 +11,7 @@ security boundary against hostile code**; use the Docker backend for that.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from .._box import BackendConfig, Box
 from .._channel import Channel, PipeChannel
 from .._errors import SandboxStartError
 from .._limits import Limits
+from .._owner import owner_labels, should_collect
 from .._sandbox import Blob
 
 __all__ = ["LocalBox", "LocalConfig"]
@@ -59,6 +61,22 @@ class LocalConfig(BackendConfig):
 
     def create_box(self, limits: Limits) -> Box:
         return LocalBox(self, limits)
+
+    def gc(self, *, older_than_s: float | None = None, dry_run: bool = False, all_hosts: bool = False) -> list[str]:
+        """Remove sandbox directories whose owning process died without closing them."""
+        base = Path(self.root or tempfile.gettempdir())
+        removed: list[str] = []
+        for d in base.glob("rlm-sandbox-*"):
+            try:
+                labels = json.loads((d / "owner.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(labels, dict) or not should_collect(labels, older_than_s=older_than_s):
+                continue
+            removed.append("local-" + d.name.removeprefix("rlm-sandbox-"))
+            if not dry_run:
+                shutil.rmtree(d, onerror=_force_remove)
+        return removed
 
     def check(self) -> str | None:
         if os.name != "posix":
@@ -97,6 +115,7 @@ class LocalBox(Box):
         self.python = config.python
         self.root = Path(tempfile.mkdtemp(prefix="rlm-sandbox-", dir=config.root))
         self.id = "local-" + self.root.name.removeprefix("rlm-sandbox-")
+        (self.root / "owner.json").write_text(json.dumps(owner_labels(limits.lifetime_s, config.labels)))
         work = self.root / "work"
         work.mkdir()
         (work / ".tmp").mkdir()

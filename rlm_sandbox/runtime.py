@@ -1041,35 +1041,30 @@ class Supervisor:
 
     def kill_tree(self) -> None:
         """SIGKILL the worker and every descendant (orphans are ours: we are a subreaper)."""
-        me = os.getpid()
         if self.worker_pid:
             try:
                 os.killpg(self.worker_pid, signal.SIGKILL)
             except OSError:
                 pass
-        if sys.platform.startswith("linux"):
-            for _ in range(100):
-                pids = _descendants(me)
-                if not pids:
-                    break
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-                self.reap(block_for=0.01)
+        self.kill_descendants(keep=None)
         self.reap()
 
     def kill_strays(self) -> List[int]:
         """SIGKILL every descendant except the worker itself; returns their pids."""
+        return self.kill_descendants(keep=self.worker_pid)
+
+    def kill_descendants(self, keep: Optional[int]) -> List[int]:
+        """SIGKILL all our descendants but ``keep`` until none is left alive; returns their pids.
+
+        A killed process stays "running" until it gets CPU time to die, and may fork once more
+        before that, so this loops until a scan finds no live process (bounded in time).
+        """
         if not sys.platform.startswith("linux"):
             return []
         me, seen = os.getpid(), set()  # type: int, Set[int]
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            # Until none is left alive: a killed process stays "running" until it gets CPU time to
-            # die, and may fork once more before that.
-            pids = [p for p in _descendants(me, live_only=True) if p != self.worker_pid]
+            pids = [p for p in _descendants(me, live_only=True) if p != keep]
             if not pids:
                 break
             seen.update(pids)

@@ -125,6 +125,7 @@ class LocalBox(Box):
         self.baked_runtime = str(Path(rt.__file__).resolve())
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
+        self._limited_memory = limits.memory_mb is not None
         self._plan_limits(limits)
 
     def _plan_limits(self, limits: Limits) -> None:
@@ -173,6 +174,10 @@ class LocalBox(Box):
             "LC_ALL": "C.UTF-8",
             "PYTHONNOUSERSITE": "1",
         }
+        if self._limited_memory:
+            # Under RLIMIT_AS, glibc's per-thread arenas (64 MB of address space each) would make
+            # a few threads exhaust the limit long before the memory is used.
+            env["MALLOC_ARENA_MAX"] = "2"
         env.update(self.config.passthrough_env(dict(os.environ)))
         return env
 

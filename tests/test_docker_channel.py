@@ -69,7 +69,7 @@ def _connect() -> tuple[Any, str]:
             return None, f"no Docker engine: {exc}"
         try:
             dc.ping()
-        except Exception as exc:  # any failure means "no engine" here
+        except Exception as exc:  # noqa: BLE001 - any failure means "no engine" here
             dc.close()
             return None, f"Docker engine does not answer: {exc}"
         return dc, ""

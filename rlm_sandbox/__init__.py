@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import importlib
+import typing
+
 from ._box import BackendConfig, Box
 from ._channel import Channel, PipeChannel
 from ._errors import (
@@ -40,6 +43,35 @@ from ._results import CodeError, ExecResult, Outcome
 from ._sandbox import RuntimeSandbox, Sandbox, close_all
 from .backends.local import LocalConfig
 
+if typing.TYPE_CHECKING:
+    from .driver import RLMBudget, RLMResult, RLMRunner
+    from .pool import PooledSandbox, PoolExhausted, SandboxPool
+    from .trajectory import read_trajectory
+
+#: Imported on first use, so that ``import rlm_sandbox`` stays light for sandbox-only users.
+_LAZY = {
+    "RLMBudget": "driver",
+    "RLMResult": "driver",
+    "RLMRunner": "driver",
+    "PoolExhausted": "pool",
+    "PooledSandbox": "pool",
+    "SandboxPool": "pool",
+    "read_trajectory": "trajectory",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -57,8 +89,13 @@ __all__ = [
     "NotSerializable",
     "Outcome",
     "PipeChannel",
+    "PoolExhausted",
+    "PooledSandbox",
     "ProtocolViolation",
     "QuotaExceeded",
+    "RLMBudget",
+    "RLMResult",
+    "RLMRunner",
     "RuntimeSandbox",
     "Sandbox",
     "SandboxClosed",
@@ -68,6 +105,7 @@ __all__ = [
     "SandboxIsADirectory",
     "SandboxNotFound",
     "SandboxPermissionError",
+    "SandboxPool",
     "SandboxStartError",
     "SandboxTimeout",
     "TransientSandboxError",
@@ -77,6 +115,7 @@ __all__ = [
     "backend_config",
     "close_all",
     "open_sandbox",
+    "read_trajectory",
     "register_backend",
     "registry",
 ]

@@ -7,16 +7,22 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from ._errors import SandboxError
 from ._limits import Limits
 from ._registry import available_backends, open_sandbox
 from ._results import ExecResult, Outcome
-from ._sandbox import RuntimeSandbox, Sandbox
+from ._sandbox import ContextPayload, RuntimeSandbox, Sandbox
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from .driver import RLMResult
+    from .trajectory import TrajectoryEvent
+
+__all__ = ["Progress", "main"]
 
 _EXIT = {Outcome.OK: 0, Outcome.ERROR: 1, Outcome.INTERRUPTED: 124, Outcome.KILLED: 137, Outcome.CRASHED: 134}
 
@@ -231,6 +237,218 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+class Progress:
+    """A live progress display of an RLM run on a stream (stderr): iteration, LM calls, sub-agents,
+    sandboxes in use, elapsed time. On a terminal one line is redrawn with ``\\r``; otherwise a
+    plain line is printed when something notable happens (at most every ``every_s`` seconds for
+    LM-call counts alone)."""
+
+    def __init__(self, stream: IO[str], *, tty: bool | None = None, interval_s: float = 0.2, every_s: float = 2.0):
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.interval_s = interval_s
+        self.every_s = every_s
+        self.started = time.monotonic()
+        self.iteration = 0
+        self.lm_calls = 0
+        self.sub_agents = 0
+        self.active: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_print = 0.0
+        self._width = 0
+
+    def line(self) -> str:
+        """The current status line."""
+        with self._lock:
+            running = len(self.active - {"0"})
+            return (
+                f"[rlm] iteration {self.iteration} | LM calls {self.lm_calls} | sub-agents {self.sub_agents} "
+                f"({running} running) | sandboxes in use {len(self.active)} | {time.monotonic() - self.started:.1f}s"
+            )
+
+    def __call__(self, event: TrajectoryEvent) -> None:
+        notable = False
+        with self._lock:
+            if event.type == "lm_call":
+                self.lm_calls += 1
+                if event.agent_id == "0" and event.iteration is not None and event.kind == "root":
+                    notable = event.iteration != self.iteration
+                    self.iteration = event.iteration
+            elif event.type == "agent_start":
+                self.active.add(event.agent_id)
+                if event.parent_id is not None:
+                    self.sub_agents += 1
+                notable = True
+            elif event.type == "agent_end":
+                self.active.discard(event.agent_id)
+                notable = True
+        if not self.tty:
+            now = time.monotonic()
+            if notable or now - self._last_print >= self.every_s:
+                self._last_print = now
+                self._write(self.line() + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _redraw(self) -> None:
+        text = self.line()
+        pad = max(0, self._width - len(text))
+        self._width = len(text)
+        self._write("\r" + text + " " * pad)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._redraw()
+
+    def start(self) -> Progress:
+        """Start redrawing (on a terminal)."""
+        self.started = time.monotonic()
+        if self.tty:
+            self._thread = threading.Thread(target=self._tick, name="rlm-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop redrawing and end the line."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._redraw()
+            self._write("\n")
+        else:
+            self._write(self.line() + "\n")
+
+
+def _read_context(path: str) -> ContextPayload:
+    data = Path(path).read_bytes()
+    if path.endswith(".json"):
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            raise SystemExit(f"rlm-sandbox: {path} is not valid JSON: {exc}") from None
+        if isinstance(value, (list, dict, str)):
+            return value
+        return json.dumps(value)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+
+
+def _print_summary(result: RLMResult) -> None:
+    print(
+        f"[rlm] {result.reason}: {result.iterations} iterations, {result.lm_calls} LM calls, "
+        f"{result.sub_agents} sub-agents, {result.sandboxes} sandboxes, {result.elapsed_s:.2f}s",
+        file=sys.stderr,
+    )
+    print(f"[rlm] trajectory: {result.trajectory_path}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .driver import RLMBudget, RLMRunner
+    from .lm import LM, LMError, OpenAICompatibleLM, ScriptedLM
+
+    context = _read_context(args.context)
+    lm: LM
+    sub_lm: LM
+    if args.scripted:
+        from .demo import ChunkReaderLM, needle_script
+
+        lm, sub_lm = ScriptedLM(needle_script, model="scripted-root"), ChunkReaderLM()
+    else:
+        model = args.model or os.environ.get("RLM_SANDBOX_MODEL")
+        if not model:
+            print("rlm-sandbox: give a model with --model (or $RLM_SANDBOX_MODEL), or --scripted", file=sys.stderr)
+            return 2
+        lm = OpenAICompatibleLM(base_url=args.base_url, model=model)
+        sub_lm = OpenAICompatibleLM(base_url=args.base_url, model=args.sub_model) if args.sub_model else lm
+    budget_fields = {
+        name: getattr(args, name)
+        for name in ("max_depth", "max_iterations", "max_wall_s", "max_lm_calls", "max_sandboxes")
+        if getattr(args, name) is not None
+    }
+    progress = Progress(sys.stderr) if not args.quiet else None
+    cancel = threading.Event()
+    box: dict[str, Any] = {}
+    try:
+        with RLMRunner(
+            args.backend,
+            _options(args.option),
+            lm=lm,
+            sub_lm=sub_lm,
+            limits=_limits(args),
+            budget=RLMBudget(**budget_fields),
+            trajectory_dir=args.trajectory_dir,
+            on_event=progress,
+        ) as runner:
+
+            def target() -> None:
+                try:
+                    box["result"] = runner.run(args.question, context, cancel=cancel)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                    box["error"] = exc
+
+            if progress is not None:
+                progress.start()
+            worker = threading.Thread(target=target, name="rlm-run", daemon=True)
+            worker.start()
+            while worker.is_alive():
+                try:
+                    worker.join(0.1)
+                except KeyboardInterrupt:
+                    print("\n[rlm] interrupted: stopping the run", file=sys.stderr)
+                    cancel.set()
+            if progress is not None:
+                progress.stop()
+    finally:
+        lm.close()
+        sub_lm.close()
+    if "error" in box:
+        error = box["error"]
+        if isinstance(error, LMError):
+            print(f"rlm-sandbox: the model failed: {type(error).__name__}: {error}", file=sys.stderr)
+            return 2
+        raise error
+    result: RLMResult = box["result"]
+    if result.answer is not None:
+        print(result.answer)
+    _print_summary(result)
+    return 0 if result.answer is not None else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import print_report, run_demo
+
+    progress = Progress(sys.stderr) if not args.quiet else None
+    if progress is not None:
+        print(
+            f"rlm-sandbox demo: an RLM finds a needle in a {args.size_mb:g} MB generated context, offline, "
+            f"on the {args.backend} backend (scripted root model, chunk-reading sub-LM)",
+            file=sys.stderr,
+        )
+        progress.start()
+    try:
+        report = run_demo(
+            size_mb=args.size_mb,
+            backend=args.backend,
+            backend_options=_options(args.option),
+            trajectory_dir=args.trajectory_dir,
+            on_event=progress,
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+    print_report(report)
+    return 0 if report.found else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlm-sandbox", description="Sandboxed REPLs for Recursive Language Models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,6 +491,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-mb", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("run", help="answer a question about a context file with an RLM")
+    _add_sandbox_args(p)
+    p.add_argument("--context", required=True, help="the context file (text; .json: a JSON value)")
+    p.add_argument("--model", "-m", help="the root model (default: $RLM_SANDBOX_MODEL)")
+    p.add_argument("--sub-model", help="the model behind llm_query (default: the root model)")
+    p.add_argument("--base-url", help="OpenAI-compatible API root (default: $OPENAI_BASE_URL or OpenAI); "
+                   "the key is $OPENAI_API_KEY")
+    p.add_argument("--scripted", action="store_true",
+                   help="offline demo mode: the scripted needle-search model and a chunk-reading fake sub-LM")
+    p.add_argument("--max-iterations", type=int)
+    p.add_argument("--max-depth", type=int)
+    p.add_argument("--max-wall-s", type=float)
+    p.add_argument("--max-lm-calls", type=int)
+    p.add_argument("--max-sandboxes", type=int)
+    p.add_argument("--trajectory-dir", help="where the trajectory goes (default: $RLM_SANDBOX_RUNS_DIR or .rlm-runs)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    p.add_argument("question")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="an offline RLM needle search over a generated context")
+    p.add_argument("--backend", "-b", default="local")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--size-mb", type=float, default=8.0, help="size of the generated context (default: 8)")
+    p.add_argument("--trajectory-dir")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

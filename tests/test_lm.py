@@ -439,7 +439,8 @@ def test_concurrency_is_bounded(srv: FakeOpenAIServer, sleeps: SleepRecorder) ->
 def test_concurrency_bound_holds_across_retries(srv: FakeOpenAIServer, sleeps: SleepRecorder) -> None:
     srv.delay_s = 0.02
     with (
-        make_lm(srv, sleeps, max_concurrency=3) as lm,
+        # Enough attempts that no single call can use up all 8 injected failures.
+        make_lm(srv, sleeps, max_concurrency=3, max_retries=8) as lm,
         ThreadPoolExecutor(max_workers=16) as pool,
     ):
         srv.fail_next(503, times=8)

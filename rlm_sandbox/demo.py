@@ -40,6 +40,7 @@ __all__ = [
     "make_haystack",
     "needle_script",
     "offline_reply",
+    "print_report",
     "run_demo",
 ]
 

@@ -42,7 +42,8 @@ class Box(ABC):
     #: image), or None: then the runtime's source is sent over the channel at start.
     baked_runtime: str | None = None
     #: Options for the runtime: the limits it enforces on itself because the box does not
-    #: (``rlimits``, ``unshare_net``, ``cgroup_pids``, ``affinity``, ``memory_mb``).
+    #: (``rlimits``, ``unshare_net``, ``cgroup_pids``, ``affinity``, ``oom_detect``), and
+    #: ``keep_dirs`` (work-dir paths that ``reset()`` empties but keeps).
     runtime_options: dict[str, Any]
     #: Limits this box cannot enforce, by name, with the reason. Filled in by ``create_box``.
     unenforced: dict[str, str]

@@ -116,7 +116,7 @@ def _run_interruptible(sb: Sandbox, code: str) -> ExecResult:
                 box["r"] = sb.execute(code, echo=True)
             else:
                 box["r"] = sb.execute(code)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["e"] = exc
 
     t = threading.Thread(target=target, daemon=True)
@@ -205,6 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         n_open=args.n_open,
         n_calls=args.n,
         context_mb=args.context_mb,
+        n_scale=args.scale,
         progress=(lambda m: print(f"... {m}", file=sys.stderr)) if not args.json else None,
     )
     if args.json:
@@ -489,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=2000, help="round trips per figure")
     p.add_argument("--n-open", type=int, default=20)
     p.add_argument("--context-mb", type=int, default=100)
+    p.add_argument("--scale", type=int, default=32, help="sandboxes opened at once (0: skip)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -49,14 +49,6 @@ __all__ = ["PoolExhausted", "PoolStats", "PooledSandbox", "SandboxPool"]
 
 log = logging.getLogger(__name__)
 
-#: Run after every reset. The runtime's reset empties the work directory, including the local
-#: backend's private TMPDIR (``work/.tmp``), so ``tempfile`` would fall back to the host's /tmp.
-#: Recreate it, binding no name. (A core fix in the runtime's reset would make this a no-op.)
-_AFTER_RESET = (
-    "(lambda o: o.environ.get('TMPDIR') and o.makedirs(o.environ['TMPDIR'], exist_ok=True))(__import__('os'))"
-)
-
-
 class PoolExhausted(SandboxTimeout):
     """:meth:`SandboxPool.acquire` timed out: the key is at ``max_size`` and none came back."""
 
@@ -489,10 +481,7 @@ class SandboxPool:
         ok = False
         try:
             slot.box.reset()
-            r = slot.box.execute(_AFTER_RESET, timeout_s=30)
-            ok = r.ok
-            if not ok:
-                log.warning("pooled sandbox %s: post-reset step failed: %s", slot.box.id, r.error or r.message)
+            ok = True
         except Exception:
             log.warning("resetting pooled sandbox %s failed; replacing it", slot.box.id, exc_info=True)
         with self._cond:
@@ -580,9 +569,7 @@ class PooledSandbox(Sandbox):
             self._slot.box.interrupt()
 
     def reset(self) -> None:
-        box = self._box()
-        box.reset()
-        box.execute(_AFTER_RESET, timeout_s=30)
+        self._box().reset()
 
     def release(self, *, broken: bool = False) -> None:
         """Give the sandbox back to the pool (reset in the background), or, with ``broken=True``,

@@ -1701,6 +1701,8 @@ class Supervisor:
                     except OSError:
                         pass
         os.makedirs(os.path.join(self.config["statedir"], "contexts"), exist_ok=True)
+        for path in self.config.get("keep_dirs", []):
+            os.makedirs(_resolve(self.config["workdir"], path), exist_ok=True)
         self.contexts = []
         self.stdout.take()
         self.stderr.take()

@@ -241,3 +241,13 @@ def test_local_gc_removes_what_a_killed_host_left(tmp_path: Path) -> None:
     assert len(rs.LocalConfig(root=str(tmp_path)).gc(dry_run=True)) == 1
     assert len(rs.LocalConfig(root=str(tmp_path)).gc()) == 1
     assert list(tmp_path.glob("rlm-sandbox-*")) == []
+
+
+def test_reset_keeps_tmpdir_usable() -> None:
+    with rs.open_sandbox("local") as sb:
+        sb.execute("import tempfile\nopen(tempfile.gettempdir() + '/old', 'w').write('x')")
+        sb.reset()
+        r = sb.execute(
+            "import os, tempfile\nd = tempfile.gettempdir()\nprint(d == os.environ['TMPDIR'], os.listdir(d))"
+        )
+        assert r.stdout == "True []\n"

@@ -142,6 +142,7 @@ class LocalBox(Box):
             rl["cpu_time_s"] = limits.cpu_time_s
         opts["rlimits"] = rl
         opts["spin_s"] = self.config.runtime_spin_us / 1e6
+        opts["keep_dirs"] = [".tmp"]  # TMPDIR: emptied, not removed, by reset()
         if limits.pids is not None:
             opts["cgroup_pids"] = limits.pids
         if not limits.network:

@@ -174,6 +174,13 @@ def test_no_container_outlives_its_host(mode: str, holder_cleanup: None) -> None
     while _containers(**{"test-holder": mode}) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _containers(**{"test-holder": mode}) == []
+    # Nor host-side upload directories of that process.
+    import glob
+    import json
+    from pathlib import Path
+
+    owners = [json.loads(Path(p).read_text()) for p in glob.glob("/tmp/rlm-sandbox-docker-*.owner.json")]
+    assert not [o for o in owners if o.get("rlm-sandbox.pid") == str(proc.pid)]
 
 
 def test_gc_leaves_live_owners_alone() -> None:

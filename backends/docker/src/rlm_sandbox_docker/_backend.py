@@ -10,6 +10,7 @@ unless asked, memory / CPU / pids from cgroups, a size-limited tmpfs work dir.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -39,6 +40,8 @@ from ._channel import DockerExecChannel
 
 __all__ = ["DockerBox", "DockerConfig", "Mount"]
 
+#: Host temp dirs bind-mounted read-only for uploads (with an ``.owner.json`` beside each).
+UPLOAD_PREFIX = "rlm-sandbox-docker-"
 #: Where the image recipe bakes the runtime, and the label that says which runtime it is.
 BAKED_RUNTIME = "/opt/rlm-sandbox/runtime.py"
 RUNTIME_LABEL = "org.rlm-sandbox.runtime-sha256"
@@ -227,8 +230,11 @@ class DockerBox(Box):
             volumes[m.source] = {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
         use_upload = cfg.upload_mount if cfg.upload_mount is not None else self._local_engine()
         if use_upload:
-            self._upload_dir = tempfile.mkdtemp(prefix="rlm-sandbox-docker-")
+            self._upload_dir = tempfile.mkdtemp(prefix=UPLOAD_PREFIX)
             os.chmod(self._upload_dir, 0o755)
+            # Next to (not in) the mounted dir: the reaper removes it if this process dies.
+            with open(self._upload_dir + ".owner.json", "w") as f:
+                json.dump(owner_labels(limits.lifetime_s), f)
             volumes[self._upload_dir] = {"bind": "/rlm-upload", "mode": "ro"}
         # PID 1 idles; with a lifetime it exits when the lifetime ends, which stops the container.
         life = "infinity" if limits.lifetime_s is None else str(int(limits.lifetime_s))
@@ -340,6 +346,8 @@ class DockerBox(Box):
     def _cleanup_host_side(self) -> None:
         if self._upload_dir is not None:
             shutil.rmtree(self._upload_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(self._upload_dir + ".owner.json")
             self._upload_dir = None
 
     @property

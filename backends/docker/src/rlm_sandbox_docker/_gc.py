@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlm_sandbox._owner import LABEL, should_collect
+
+from ._backend import UPLOAD_PREFIX
 
 if TYPE_CHECKING:
     from ._backend import DockerConfig
@@ -29,4 +35,24 @@ def collect(
                     c.remove(force=True)
     finally:
         client.close()
+    removed.extend(_collect_upload_dirs(older_than_s=older_than_s, dry_run=dry_run))
+    return removed
+
+
+def _collect_upload_dirs(*, older_than_s: float | None, dry_run: bool) -> list[str]:
+    """Host-side upload directories of dead owners (a SIGKILLed host leaves them behind)."""
+    removed: list[str] = []
+    for owner in Path(tempfile.gettempdir()).glob(UPLOAD_PREFIX + "*.owner.json"):
+        try:
+            labels = json.loads(owner.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(labels, dict) or not should_collect(labels, older_than_s=older_than_s):
+            continue
+        directory = str(owner)[: -len(".owner.json")]
+        removed.append(directory)
+        if not dry_run:
+            shutil.rmtree(directory, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                owner.unlink()
     return removed

@@ -87,7 +87,8 @@ def test_remote_engine_runs_the_whole_round_trip(remote_engine: str) -> None:
         return text.upper()
 
     context = "x" * (20 << 20) + "NEEDLE"
-    with rs.open_sandbox("docker", base_url=remote_engine, functions={"shout": shout}) as sb:
+    mine = {"test-run": f"remote-{os.getpid()}-{time.monotonic_ns()}"}
+    with rs.open_sandbox("docker", base_url=remote_engine, functions={"shout": shout}, labels=mine) as sb:
         assert sb.execute("import socket\nprint(socket.gethostname() != '')").ok
         sb.load_context(context)
         r = sb.execute("print(len(context), context[-6:], shout('hi'))")
@@ -101,12 +102,13 @@ def test_remote_engine_runs_the_whole_round_trip(remote_engine: str) -> None:
             check=True,
         ).stdout.split()
         assert any(sb.id.startswith(c) or c.startswith(sb.id) for c in listed)
-    left = subprocess.run(
-        ["docker", "-H", remote_engine, "ps", "-aq", "--filter", "label=rlm-sandbox"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    # Only this test's container: other sessions may share the engine.
+    query = ["docker", "-H", remote_engine, "ps", "-aq", "--filter", f"label=test-run={mine['test-run']}"]
+    deadline = time.monotonic() + 10
+    while (left := subprocess.run(query, capture_output=True, text=True, check=True).stdout.split()) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
     assert left == []
 
 

@@ -16,7 +16,7 @@ import tenacity
 
 from ._errors import TransientSandboxError
 
-__all__ = ["RetryPolicy", "retry_transient", "testing_retries"]
+__all__ = ["RetryPolicy", "call_translated", "retry_transient", "testing_retries"]
 
 T = TypeVar("T")
 
@@ -62,6 +62,24 @@ def retry_transient(fn: Callable[[], T], *, policy: RetryPolicy | None = None, w
         reraise=True,
     )
     return retrying(fn)
+
+
+def call_translated(
+    translate: Callable[[], contextlib.AbstractContextManager[None]],
+    fn: Callable[[], T],
+    *,
+    retry: bool,
+    policy: RetryPolicy | None = None,
+    what: str = "",
+) -> T:
+    """``fn()`` inside a backend's error translation (SDK errors become the project's tree), retried
+    while transient when ``retry`` is set — which a backend does for idempotent steps only."""
+
+    def attempt() -> T:
+        with translate():
+            return fn()
+
+    return retry_transient(attempt, policy=policy, what=what) if retry else attempt()
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ from rlm_sandbox._errors import (
     SandboxTimeout,
     TransientSandboxError,
 )
-from rlm_sandbox._retry import RetryPolicy, retry_transient
+from rlm_sandbox._retry import RetryPolicy, call_translated
 
 __all__ = ["call", "classify", "parse_retry_after", "translate_daytona_errors"]
 
@@ -177,9 +177,10 @@ def call(
     policy: RetryPolicy | None = None,
 ) -> T:
     """``fn()`` with its errors translated; retried while transient when ``retry`` (idempotent steps only)."""
-
-    def attempt() -> T:
-        with translate_daytona_errors(what, sandbox_id=sandbox_id, starting=starting):
-            return fn()
-
-    return retry_transient(attempt, policy=policy, what=what) if retry else attempt()
+    return call_translated(
+        lambda: translate_daytona_errors(what, sandbox_id=sandbox_id, starting=starting),
+        fn,
+        retry=retry,
+        policy=policy,
+        what=what,
+    )

@@ -45,7 +45,7 @@ from rlm_sandbox._errors import (
     SandboxTimeout,
     TransientSandboxError,
 )
-from rlm_sandbox._retry import RetryPolicy, retry_transient
+from rlm_sandbox._retry import RetryPolicy, call_translated
 
 __all__ = ["call", "translate_e2b_errors"]
 
@@ -127,9 +127,10 @@ def call(
     policy: RetryPolicy | None = None,
 ) -> T:
     """``fn()`` with its SDK errors translated; retried while transient when ``retry`` (idempotent)."""
-
-    def attempt() -> T:
-        with translate_e2b_errors(what, sandbox_id=sandbox_id, starting=starting):
-            return fn()
-
-    return retry_transient(attempt, policy=policy, what=what) if retry else attempt()
+    return call_translated(
+        lambda: translate_e2b_errors(what, sandbox_id=sandbox_id, starting=starting),
+        fn,
+        retry=retry,
+        policy=policy,
+        what=what,
+    )

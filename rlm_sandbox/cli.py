@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -106,9 +106,24 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return _EXIT[r.outcome]
 
 
+def _wait_interruptibly(done: threading.Event, on_interrupt: Callable[[], None]) -> None:
+    """Wait for ``done``; each Ctrl-C calls ``on_interrupt`` and keeps waiting.
+
+    Not ``Thread.join()``: a KeyboardInterrupt inside ``join`` makes CPython 3.11 report the thread
+    as stopped while it still runs.
+    """
+    while True:
+        try:
+            if done.wait(0.1):
+                return
+        except KeyboardInterrupt:
+            on_interrupt()
+
+
 def _run_interruptible(sb: Sandbox, code: str) -> ExecResult:
     """Run a cell in a thread so that Ctrl-C interrupts the cell, not this process."""
     box: dict[str, Any] = {}
+    done = threading.Event()
 
     def target() -> None:
         try:
@@ -118,15 +133,15 @@ def _run_interruptible(sb: Sandbox, code: str) -> ExecResult:
                 box["r"] = sb.execute(code)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["e"] = exc
+        finally:
+            done.set()
 
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    while t.is_alive():
-        try:
-            t.join(0.1)
-        except KeyboardInterrupt:
-            sys.stderr.write("\nKeyboardInterrupt (interrupting the cell)\n")
-            sb.interrupt()
+    def interrupt() -> None:
+        sys.stderr.write("\nKeyboardInterrupt (interrupting the cell)\n")
+        sb.interrupt()
+
+    threading.Thread(target=target, daemon=True).start()
+    _wait_interruptibly(done, interrupt)
     if "e" in box:
         raise box["e"]
     result: ExecResult = box["r"]
@@ -390,22 +405,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             on_event=progress,
         ) as runner:
 
+            done = threading.Event()
+
             def target() -> None:
                 try:
                     box["result"] = runner.run(args.question, context, cancel=cancel)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                     box["error"] = exc
+                finally:
+                    done.set()
+
+            def stop() -> None:
+                print("\n[rlm] interrupted: stopping the run", file=sys.stderr)
+                cancel.set()
 
             if progress is not None:
                 progress.start()
-            worker = threading.Thread(target=target, name="rlm-run", daemon=True)
-            worker.start()
-            while worker.is_alive():
-                try:
-                    worker.join(0.1)
-                except KeyboardInterrupt:
-                    print("\n[rlm] interrupted: stopping the run", file=sys.stderr)
-                    cancel.set()
+            threading.Thread(target=target, name="rlm-run", daemon=True).start()
+            _wait_interruptibly(done, stop)
             if progress is not None:
                 progress.stop()
     finally:

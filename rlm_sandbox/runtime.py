@@ -552,6 +552,7 @@ class _Link:
         self.ids = itertools.count(1)
         self.rbuf = ReadBuffer()
         self.spin = 0.0
+        self.pid = os.getpid()
 
     def send(self, msg: Dict[str, Any]) -> None:
         data = message(msg)
@@ -614,6 +615,10 @@ class _Link:
             cond.release()
 
     def call(self, name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if os.getpid() != self.pid:
+            # A child forked by user code shares the REPL's pipes: its frames would interleave with
+            # the REPL's and answers would reach the wrong process.
+            raise RuntimeError("host functions cannot be called from a forked child process; call them from the REPL")
         cid = next(self.ids)
         msg = {"op": "call", "id": cid, "name": name, "args": _enc(list(args)), "kwargs": _enc(kwargs)}
         try:
@@ -662,11 +667,15 @@ class Worker:
         failed: Dict[str, str] = {}
         cfg = self.config
         signal.signal(signal.SIGINT, self.intr.handler)
+        # Forked from the non-dumpable supervisor: become dumpable again (the REPL is the user's
+        # own process), which also makes /proc/self/oom_score_adj ours to write. Raising it makes
+        # the kernel's OOM killer pick the user's code, never the supervisor.
+        _prctl(4, 1)
         try:
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write("1000")
         except OSError:
-            pass
+            pass  # no /proc (macOS): nothing to adjust
         cgroup = cfg.get("cgroup_procs")
         if cgroup:
             try:
@@ -1158,7 +1167,6 @@ class Supervisor:
         # No PR_SET_PDEATHSIG: it fires when the host *thread* that started us exits. EOF on
         # stdin is what tells us the host is gone.
         _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-        _prctl(4, 0)  # PR_SET_DUMPABLE = 0
         try:
             self.loop()
         finally:
@@ -1485,6 +1493,9 @@ class Supervisor:
                 err = None
             if err:
                 failed["pids"] = err
+        # Only now (writing a user namespace's id maps needs it dumpable): user code running as
+        # the same uid must not open our channel's fds through /proc/<pid>/fd, nor ptrace us.
+        _prctl(4, 0)  # PR_SET_DUMPABLE = 0
         self.config = cfg
         self.spin = float(cfg.get("spin_s", 0.0))
         self.stdout = OutputBuffer(int(cfg.get("output_bytes", 1 << 20)))

@@ -131,7 +131,8 @@ class Sandbox(ABC):
 
 
 _open_sandboxes: weakref.WeakSet[Sandbox] = weakref.WeakSet()
-_exit_hooks_installed = False
+_atexit_installed = False
+_sigterm_installed = False
 _hooks_lock = threading.Lock()
 
 
@@ -159,16 +160,18 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _track(sb: Sandbox) -> None:
-    global _exit_hooks_installed
+    """Remember an open sandbox; install the exit hooks (SIGTERM only from the main thread, so
+    it is retried at each open until one happens there)."""
+    global _atexit_installed, _sigterm_installed
     _open_sandboxes.add(sb)
-    if _exit_hooks_installed:
+    if _atexit_installed and _sigterm_installed:
         return
     with _hooks_lock:
-        if _exit_hooks_installed:
-            return
-        _exit_hooks_installed = True
-        atexit.register(close_all)
-        if threading.current_thread() is threading.main_thread():
+        if not _atexit_installed:
+            _atexit_installed = True
+            atexit.register(close_all)
+        if not _sigterm_installed and threading.current_thread() is threading.main_thread():
+            _sigterm_installed = True
             try:
                 if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
                     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -251,6 +254,7 @@ class RuntimeSandbox(Sandbox):
             if not fname.isidentifier():
                 raise NotSerializable(f"host function name {fname!r} is not an identifier")
         self._lock = threading.RLock()
+        self._state_lock = threading.Lock()
         self._closed = False
         self._context_count = 0
         self._unenforced: dict[str, str] = {}
@@ -367,11 +371,22 @@ class RuntimeSandbox(Sandbox):
             self._box.close()
 
     def close(self) -> None:
-        with self._lock:
+        """Destroy the box. Idempotent, and it never waits for a running cell: the box is torn down
+        under it, and that ``execute`` raises ``SandboxClosed``."""
+        with self._state_lock:
             if self._closed:
                 return
             self._closed = True
-            self._teardown()
+        if self._lock.acquire(blocking=False):
+            try:
+                self._teardown()
+            finally:
+                self._lock.release()
+        else:
+            # An operation runs in another thread: kill the runtime and the box under it; that
+            # thread sees its channel end and cleans up its session.
+            self._box.kill_runtime()
+            self._box.close()
 
     # ---- operations -----------------------------------------------------------------------------
 
@@ -384,18 +399,18 @@ class RuntimeSandbox(Sandbox):
             session = self._live_session()
             try:
                 return session.execute(code, timeout, self._limits.grace_s, UNRESPONSIVE_SLACK_S, echo)
-            except RuntimeUnresponsive:
+            except (RuntimeUnresponsive, ChannelLost, ProtocolViolation) as exc:
+                self._raise_if_closed(exc)
                 self._recover()
-                return ExecResult(
-                    outcome=Outcome.KILLED,
-                    stdout="",
-                    stderr="",
-                    timed_out=True,
-                    state_lost=True,
-                    message="the runtime stopped answering; it was killed and restarted",
-                )
-            except (ChannelLost, ProtocolViolation) as exc:
-                self._recover()
+                if isinstance(exc, RuntimeUnresponsive):
+                    return ExecResult(
+                        outcome=Outcome.KILLED,
+                        stdout="",
+                        stderr="",
+                        timed_out=True,
+                        state_lost=True,
+                        message="the runtime stopped answering; it was killed and restarted",
+                    )
                 return ExecResult(
                     outcome=Outcome.CRASHED,
                     stdout="",
@@ -404,12 +419,21 @@ class RuntimeSandbox(Sandbox):
                     message=f"the runtime was lost ({exc}); it was restarted",
                 )
 
+    def _raise_if_closed(self, exc: BaseException) -> None:
+        """A channel that ended because close() tore the box down is not a crash to recover from."""
+        if self._closed:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+            raise SandboxClosed("the sandbox was closed during the operation") from exc
+
     def _op(self, fn: Callable[[Session], Any]) -> Any:
         with self._lock:
             session = self._live_session()
             try:
                 return fn(session)
             except (ChannelLost, ProtocolViolation, RuntimeUnresponsive) as exc:
+                self._raise_if_closed(exc)
                 self._recover()
                 raise SandboxCrashed(f"the runtime was lost during the operation ({exc}); restarted") from exc
 

@@ -382,6 +382,22 @@ class HostFunctionContract(SandboxFixtures):
             assert sb.get_variable("elapsed") < 0.5 * 3
             assert peak >= 8
 
+    def test_forked_children_cannot_call_host_functions(self, open_box: OpenBox) -> None:
+        with open_box(functions={"f": lambda: "parent"}) as sb:
+            code = (
+                "import os\n"
+                "pid = os.fork()\n"
+                "if pid == 0:\n"
+                "    try:\n"
+                "        f()\n"
+                "        os._exit(0)\n"
+                "    except RuntimeError:\n"
+                "        os._exit(3)\n"
+                "_, status = os.waitpid(pid, 0)\n"
+                "print(os.WEXITSTATUS(status), f())\n"
+            )
+            assert _run(sb, code).stdout == "3 parent\n"
+
     def test_calls_interrupted_by_timeout(self, open_box: OpenBox) -> None:
         def hang() -> None:
             time.sleep(3)
@@ -488,6 +504,27 @@ class LifecycleContract(SandboxFixtures):
             sb.execute("x")
         with pytest.raises(SandboxError):
             sb.get_variable("x")
+
+    def test_close_does_not_wait_for_a_running_cell(self, open_box: OpenBox) -> None:
+        sb = open_box(limits=Limits(exec_timeout_s=60))
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                sb.execute("while True:\n    pass")
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        sb.close()
+        worker.join(30)
+        assert time.monotonic() - start < 15
+        assert not worker.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], SandboxClosed)
 
     def test_reset_forgets_everything(self, sandbox: Sandbox) -> None:
         sandbox.load_context("old")

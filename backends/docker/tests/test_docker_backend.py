@@ -132,10 +132,16 @@ def _holder_script(n: int, mode: str) -> str:
 
 @pytest.fixture
 def holder_cleanup() -> Iterator[None]:
+    """Remove this test's holder containers only: other sessions may share the engine."""
     yield
-    from rlm_sandbox_docker import DockerConfig
+    import docker
 
-    DockerConfig().gc(older_than_s=0)
+    client = docker.from_env()
+    try:
+        for c in client.containers.list(all=True, filters={"label": "test-holder"}):
+            c.remove(force=True)
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("mode", ["sigkill", "exit", "sigterm"])

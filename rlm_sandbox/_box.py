@@ -43,7 +43,8 @@ class Box(ABC):
     baked_runtime: str | None = None
     #: Options for the runtime: the limits it enforces on itself because the box does not
     #: (``rlimits``, ``unshare_net``, ``cgroup_pids``, ``affinity``, ``oom_detect``), and
-    #: ``keep_dirs`` (work-dir paths that ``reset()`` empties but keeps).
+    #: ``tmpdir`` (the code's private TMPDIR, emptied by ``reset()``) and ``scratch_dirs`` (more
+    #: directories ``reset()`` empties, e.g. a container's /dev/shm).
     runtime_options: dict[str, Any]
     #: Limits this box cannot enforce, by name, with the reason. Filled in by ``create_box``.
     unenforced: dict[str, str]

@@ -708,6 +708,8 @@ class Worker:
                 os.sched_setaffinity(0, cpus)
             except (OSError, AttributeError) as exc:
                 failed["cpus"] = "sched_setaffinity: %s" % exc
+        if cfg.get("tmpdir"):
+            os.environ["TMPDIR"] = cfg["tmpdir"]
         workdir = cfg["workdir"]
         os.chdir(workdir)
         if workdir not in sys.path:
@@ -1477,6 +1479,11 @@ class Supervisor:
             os.makedirs(path, exist_ok=True)
             cfg[key] = path
         os.makedirs(os.path.join(cfg["statedir"], "contexts"), exist_ok=True)
+        if cfg.get("tmpdir"):
+            # The code's TMPDIR: private to this sandbox, and emptied by reset().
+            cfg["tmpdir"] = os.path.abspath(_resolve(cfg["workdir"], cfg["tmpdir"]))
+            os.makedirs(cfg["tmpdir"], exist_ok=True)
+            cfg["scratch_dirs"] = [cfg["tmpdir"], *cfg.get("scratch_dirs", [])]
         # "try": isolate if the OS lets us, but the box already keeps the network out.
         isolated = False
         if cfg.get("unshare_net"):
@@ -1712,8 +1719,21 @@ class Supervisor:
                     except OSError:
                         pass
         os.makedirs(os.path.join(self.config["statedir"], "contexts"), exist_ok=True)
-        for path in self.config.get("keep_dirs", []):
-            os.makedirs(_resolve(self.config["workdir"], path), exist_ok=True)
+        # Scratch dirs outside the work dir (a box's /tmp, /dev/shm) hold the previous user's files
+        # too: empty them, and re-create any that lived inside the work dir.
+        for path in self.config.get("scratch_dirs", []):
+            path = _resolve(self.config["workdir"], path)
+            if os.path.isdir(path):
+                for entry in os.listdir(path):
+                    full = os.path.join(path, entry)
+                    if os.path.isdir(full) and not os.path.islink(full):
+                        shutil.rmtree(full, ignore_errors=True)
+                    else:
+                        try:
+                            os.unlink(full)
+                        except OSError:
+                            pass
+            os.makedirs(path, exist_ok=True)
         self.contexts = []
         self.stdout.take()
         self.stderr.take()

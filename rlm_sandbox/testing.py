@@ -530,9 +530,12 @@ class LifecycleContract(SandboxFixtures):
         sandbox.load_context("old")
         sandbox.write_file("old.txt", b"old")
         _run(sandbox, "x = 1")
+        _run(sandbox, "import tempfile\nopen(tempfile.gettempdir() + '/old-tmp.txt', 'w').write('x')")
         sandbox.reset()
         r = _run(sandbox, "import os\nprint('x' in globals(), 'context' in globals(), os.path.exists('old.txt'))")
         assert r.stdout == "False False False\n"
+        r = _run(sandbox, "import os, tempfile\nprint(os.path.exists(tempfile.gettempdir() + '/old-tmp.txt'))")
+        assert r.stdout == "False\n"
         assert sandbox.load_context("new") == "context_0"
 
 

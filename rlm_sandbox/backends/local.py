@@ -118,7 +118,6 @@ class LocalBox(Box):
         (self.root / "owner.json").write_text(json.dumps(owner_labels(limits.lifetime_s, config.labels)))
         work = self.root / "work"
         work.mkdir()
-        (work / ".tmp").mkdir()
         self.workdir = str(work)
         self.statedir = str(self.root / "state")
         # The runtime is this package's own file (and its .pyc): nothing to send or compile.
@@ -142,7 +141,7 @@ class LocalBox(Box):
             rl["cpu_time_s"] = limits.cpu_time_s
         opts["rlimits"] = rl
         opts["spin_s"] = self.config.runtime_spin_us / 1e6
-        opts["keep_dirs"] = [".tmp"]  # TMPDIR: emptied, not removed, by reset()
+        opts["tmpdir"] = ".tmp"
         if limits.pids is not None:
             opts["cgroup_pids"] = limits.pids
         if not limits.network:
@@ -170,7 +169,6 @@ class LocalBox(Box):
         env = {
             "PATH": self.config.path,
             "HOME": self.workdir,
-            "TMPDIR": str(Path(self.workdir) / ".tmp"),
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
             "PYTHONNOUSERSITE": "1",

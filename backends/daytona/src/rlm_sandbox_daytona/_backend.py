@@ -315,7 +315,8 @@ class DaytonaBox(Box):
         """Runtime options and the sandbox's resources for ``limits``; what cannot be, in ``unenforced``."""
         from_image = self.config.image is not None
         snapshot_reason = "a sandbox from a snapshot has the snapshot's resources (pass image= to size it)"
-        opts: dict[str, Any] = {"rlimits": {}, "oom_detect": True}
+        # TMPDIR inside the work dir: the box's /tmp is shared with its system; reset() empties ours.
+        opts: dict[str, Any] = {"rlimits": {}, "oom_detect": True, "tmpdir": ".tmp"}
         rl: dict[str, int] = opts["rlimits"]
         res: dict[str, int] = {}
         if limits.memory_mb is not None:

@@ -179,7 +179,8 @@ class DockerBox(Box):
         self.python = config.python
         self.workdir = config.workdir
         self.statedir = config.workdir.rstrip("/") + "/.rlm"
-        self.runtime_options = {"oom_detect": True, "rlimits": {}}
+        # reset() empties these too: a pooled sandbox's next user must not find the last one's files.
+        self.runtime_options = {"oom_detect": True, "rlimits": {}, "tmpdir": "/tmp", "scratch_dirs": ["/dev/shm"]}
         if limits.file_size_mb is not None:
             self.runtime_options["rlimits"]["file_size_bytes"] = limits.file_size_mb << 20
         if limits.cpu_time_s is not None:
@@ -276,7 +277,6 @@ class DockerBox(Box):
             "HOME": self.workdir,
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG": "C.UTF-8",
-            "TMPDIR": "/tmp",
         }
         env.update(self.config.passthrough_env(dict(os.environ)))
         return env

@@ -163,7 +163,8 @@ class E2BBox(Box):
             rl["file_size_bytes"] = limits.file_size_mb << 20
         if limits.cpu_time_s is not None:
             rl["cpu_time_s"] = limits.cpu_time_s
-        opts: dict[str, Any] = {"rlimits": rl}
+        # TMPDIR inside the work dir: the VM's /tmp is shared with its system; reset() empties ours.
+        opts: dict[str, Any] = {"rlimits": rl, "tmpdir": ".tmp"}
         if limits.pids is not None:
             # A pids cgroup where the sandbox user may create one, else RLIMIT_NPROC (the user's
             # tasks in the VM are the runtime's).

@@ -215,46 +215,54 @@ _MARK = "\x1erlm-after\x1e"
 
 #: Defined once per agent sandbox (and again if the runtime lost its state).
 _PRELUDE = '''
+import builtins as _rlm_b
 answer = {"content": "", "ready": False}
 def FINAL(value):
     """Submit value as the final answer (same as answer["content"] = value; answer["ready"] = True)."""
-    answer["content"] = value if isinstance(value, str) else str(value)
-    answer["ready"] = True
-    return answer["content"]
+    B = _rlm_b
+    g = B.globals()
+    g["answer"]["content"] = value if B.isinstance(value, B.str) else B.str(value)
+    g["answer"]["ready"] = True
+    return g["answer"]["content"]
 def FINAL_VAR(name):
     """Submit the variable named name (a str) as the final answer."""
-    if not isinstance(name, str):
+    B = _rlm_b
+    if not B.isinstance(name, B.str):
         return FINAL(name)
     key = name.strip().strip("'\\"")
-    if key not in globals():
-        raise NameError("FINAL_VAR: no variable named %r" % key)
-    return FINAL(globals()[key])
+    g = B.globals()
+    if key not in g:
+        raise B.NameError("FINAL_VAR: no variable named %r" % key)
+    return FINAL(g[key])
 _RLM_HIDDEN = {"answer", "FINAL", "FINAL_VAR", "SHOW_VARS", "llm_query", "llm_query_batched",
                "rlm_query", "rlm_query_batched", "HostFunctionError"}
 def SHOW_VARS():
     """List the REPL's variables with their types."""
     import types
-    names = {k: type(v).__name__ for k, v in globals().items()
-             if not k.startswith("_") and k not in _RLM_HIDDEN and not isinstance(v, types.ModuleType)}
+    B = _rlm_b
+    names = {k: B.type(v).__name__ for k, v in B.globals().items()
+             if not k.startswith("_") and k not in _RLM_HIDDEN and not B.isinstance(v, types.ModuleType)}
     if not names:
         return "No variables created yet. Use ```repl``` blocks to create variables."
     return "Available variables: %r" % (names,)
 def _rlm_after():
+    # Only builtins reached through the module: user code may rebind list, str, print, ...
+    import builtins as B
     import json
-    g = globals()
+    g = B.globals()
     a = g.get("answer")
     final = None
-    if isinstance(a, dict) and a.get("ready"):
+    if B.isinstance(a, B.dict) and a.get("ready"):
         c = a.get("content")
-        final = c if isinstance(c, str) else str(c)
-    if not isinstance(a, dict):
+        final = c if B.isinstance(c, B.str) else B.str(c)
+    if not B.isinstance(a, B.dict):
         g["answer"] = {"content": "", "ready": False}
     if "context_0" in g:
         g["context"] = g["context_0"]
-    simple = (str, int, float, bool, list, dict, tuple)
-    names = sorted(k for k, v in g.items() if not k.startswith("_") and k not in _RLM_HIDDEN
-                   and isinstance(v, simple))
-    print(MARK + json.dumps({"final": final, "vars": names}))
+    simple = (B.str, B.int, B.float, B.bool, B.list, B.dict, B.tuple)
+    names = B.sorted(k for k, v in g.items() if not k.startswith("_") and k not in _RLM_HIDDEN
+                     and B.isinstance(v, simple))
+    B.print(MARK + json.dumps({"final": final, "vars": names}))
 '''.replace("MARK", repr(_MARK))
 
 _AFTER = "_rlm_after()"

@@ -119,6 +119,14 @@ def test_answer_ends_the_run_and_the_root_model_never_sees_the_context(env: Env)
     assert [c.outcome for c in cells] == ["ok", "ok"] and cells[-1].final
 
 
+@pytest.mark.parametrize("final", ['answer["content"] = "done"\nanswer["ready"] = True', "FINAL('done')"])
+def test_the_answer_is_read_even_when_user_code_shadows_builtins(env: Env, final: str) -> None:
+    shadow = "list = context.split()\nstr = int\ndict = None\nprint = len\nsorted = isinstance = 0\n"
+    lm = ScriptedLM([repl(shadow + final)])
+    result = env.runner(lm).run("q", "a b c")
+    assert (result.answer, result.reason, result.iterations) == ("done", "answer", 1)
+
+
 @pytest.mark.parametrize(
     "reply",
     [

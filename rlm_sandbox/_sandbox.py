@@ -32,7 +32,7 @@ from ._session import ChannelLost, RuntimeUnresponsive, Session
 if TYPE_CHECKING:
     from ._box import BackendConfig, Box
 
-__all__ = ["ContextPayload", "RuntimeSandbox", "Sandbox", "close_all"]
+__all__ = ["ContextPayload", "RuntimeSandbox", "Sandbox", "close_all", "install_exit_hooks"]
 
 ContextPayload = str | bytes | bytearray | dict[str, Any] | list[Any]
 
@@ -160,10 +160,19 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _track(sb: Sandbox) -> None:
-    """Remember an open sandbox; install the exit hooks (SIGTERM only from the main thread, so
-    it is retried at each open until one happens there)."""
-    global _atexit_installed, _sigterm_installed
+    """Remember an open sandbox, and install the exit hooks."""
     _open_sandboxes.add(sb)
+    install_exit_hooks()
+
+
+def install_exit_hooks() -> None:
+    """Close every open sandbox at interpreter exit and on SIGTERM.
+
+    Called at each open; the SIGTERM handler can only be installed from the main thread, so
+    code that opens sandboxes only in worker threads (the driver, pools) calls this first from the
+    main thread. A SIGTERM handler the application installed itself is left alone.
+    """
+    global _atexit_installed, _sigterm_installed
     if _atexit_installed and _sigterm_installed:
         return
     with _hooks_lock:

@@ -16,7 +16,7 @@ from ._errors import SandboxError
 from ._limits import Limits
 from ._registry import available_backends, open_sandbox
 from ._results import ExecResult, Outcome
-from ._sandbox import ContextPayload, RuntimeSandbox, Sandbox
+from ._sandbox import ContextPayload, RuntimeSandbox, Sandbox, install_exit_hooks
 
 if TYPE_CHECKING:
     from .driver import RLMResult
@@ -541,8 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``rlm-sandbox`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_exit_hooks()  # sandboxes may be opened in worker threads (run): hook SIGTERM here
     try:
         code: int = args.func(args)
     except SandboxError as exc:

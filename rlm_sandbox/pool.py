@@ -43,7 +43,7 @@ from ._errors import ConfigError, SandboxClosed, SandboxStartError, SandboxTimeo
 from ._limits import Limits
 from ._registry import make_config
 from ._results import ExecResult
-from ._sandbox import ContextPayload, Sandbox
+from ._sandbox import ContextPayload, Sandbox, install_exit_hooks
 
 __all__ = ["PoolExhausted", "PoolStats", "PooledSandbox", "SandboxPool"]
 
@@ -166,6 +166,7 @@ class SandboxPool:
         acquire_timeout_s: float = 60.0,
         max_starting: int = 4,
     ) -> None:
+        install_exit_hooks()  # its sandboxes open in background threads
         if max_size < 1:
             raise ConfigError("max_size must be >= 1")
         if not 0 <= min_idle <= max_size:

@@ -251,3 +251,32 @@ def test_reset_keeps_tmpdir_usable() -> None:
             "import os, tempfile\nd = tempfile.gettempdir()\nprint(d == os.environ['TMPDIR'], os.listdir(d))"
         )
         assert r.stdout == "True []\n"
+
+
+def test_sigterm_closes_sandboxes_opened_in_worker_threads(tmp_path: Path) -> None:
+    """Like `rlm-sandbox run`: the main thread builds a pool, a worker thread runs a busy cell."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import threading, time, rlm_sandbox as rs\n"
+        "pool = rs.SandboxPool(min_idle=0)\n"
+        "def work():\n"
+        f"    sb = rs.open_sandbox('local', root={str(tmp_path)!r})\n"
+        "    print('ready', flush=True)\n"
+        "    sb.execute('while True:\\n    pass')\n"
+        "threading.Thread(target=work, daemon=True).start()\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        assert len(list(tmp_path.glob("rlm-sandbox-*"))) == 1
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == -signal.SIGTERM
+        assert time.monotonic() - start < 10  # not the cell's 600 s timeout
+    assert list(tmp_path.glob("rlm-sandbox-*")) == []

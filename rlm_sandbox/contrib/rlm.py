@@ -708,13 +708,6 @@ class SandboxREPL(NonIsolatedEnv):  # type: ignore[misc]  # rlm ships no type in
     def __exit__(self, *exc_info: object) -> None:
         self.cleanup()
 
-    def __del__(self) -> None:
-        try:
-            if not getattr(self, "_closed", True):
-                self.cleanup()
-        except BaseException:  # noqa: BLE001 - never raise from a finalizer
-            pass
-
     def __repr__(self) -> str:
         sb = self._sandbox
         where = f"{sb.backend}:{sb.id}" if sb is not None else "closed"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -39,6 +41,8 @@ from rlm_sandbox._sandbox import Blob, runtime_sha256
 from ._channel import DockerExecChannel
 
 __all__ = ["DockerBox", "DockerConfig", "Mount"]
+
+log = logging.getLogger("rlm_sandbox.docker")
 
 #: Host temp dirs bind-mounted read-only for uploads (with an ``.owner.json`` beside each).
 UPLOAD_PREFIX = "rlm-sandbox-docker-"
@@ -97,7 +101,7 @@ class DockerConfig(BackendConfig):
     image: str = "rlm-sandbox:latest"
     """Any image with ``python3`` (3.8+). Build the default one with ``rlm-sandbox image build``."""
     base_url: str | None = None
-    """Docker engine URL (``unix://...``, ``tcp://host:2376``, ``ssh://user@host``); default:
+    """Docker engine URL (``unix://...``, ``tcp://host:2376``; not ``ssh://`` yet); default:
     ``DOCKER_HOST`` or the local socket."""
     tls: bool = False
     """Use TLS to the engine (with ``DOCKER_CERT_PATH`` / ``DOCKER_TLS_VERIFY`` as docker does)."""
@@ -190,6 +194,7 @@ class DockerBox(Box):
         self._closed = False
         self._stderr_tail = bytearray()
         self._upload_dir: str | None = None
+        self._mounted_dir = ""
         self.client = config.client()
         try:
             self._container = self._create(limits)
@@ -231,12 +236,17 @@ class DockerBox(Box):
             volumes[m.source] = {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
         use_upload = cfg.upload_mount if cfg.upload_mount is not None else self._local_engine()
         if use_upload:
+            # The sandbox user (another uid) must read the files, so they are world-readable; the
+            # outer dir is 0711 (no listing) and the mounted one has an unguessable name, so other
+            # users of the host cannot find them.
             self._upload_dir = tempfile.mkdtemp(prefix=UPLOAD_PREFIX)
-            os.chmod(self._upload_dir, 0o755)
+            os.chmod(self._upload_dir, 0o711)
+            self._mounted_dir = os.path.join(self._upload_dir, secrets.token_hex(16))
+            os.mkdir(self._mounted_dir, 0o755)
             # Next to (not in) the mounted dir: the reaper removes it if this process dies.
             with open(self._upload_dir + ".owner.json", "w") as f:
                 json.dump(owner_labels(limits.lifetime_s), f)
-            volumes[self._upload_dir] = {"bind": "/rlm-upload", "mode": "ro"}
+            volumes[self._mounted_dir] = {"bind": "/rlm-upload", "mode": "ro"}
         # PID 1 idles; with a lifetime it exits when the lifetime ends, which stops the container.
         life = "infinity" if limits.lifetime_s is None else str(int(limits.lifetime_s))
         kwargs: dict[str, Any] = dict(
@@ -312,7 +322,7 @@ class DockerBox(Box):
         # Only contexts (hidden upload names) go through the bind mount: other files belong in /work.
         if self._upload_dir is None or not path.startswith(".rlm-upload-"):
             return None
-        target = os.path.join(self._upload_dir, path)
+        target = os.path.join(self._mounted_dir, path)
         with open(target + ".part", "wb") as f:
             for chunk in data.chunks():
                 f.write(chunk)
@@ -338,6 +348,8 @@ class DockerBox(Box):
             if exc.status_code not in (404, 409):
                 with contextlib.suppress(Exception):
                     self._container.remove(force=True)
+        except Exception as exc:  # noqa: BLE001 - close() never raises; gc finds it by its labels
+            log.warning("could not remove container %s (the reaper will): %s", self.id, exc)
         finally:
             self._cleanup_host_side()
             with contextlib.suppress(Exception):

@@ -29,6 +29,7 @@ import signal
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -94,6 +95,12 @@ class DockerExecChannel(Channel):
         self._remaining = 0  # payload bytes left in the current frame
         self._eof = False
         self._closed = False
+        # close() from another thread must not free the fd while recv() waits on it (the number
+        # could be reused by the next connection and read as ours): it only shuts the socket
+        # down, and the reader releases the fd when it leaves recv().
+        self._state = threading.Lock()
+        self._reading = False
+        self._released = False
         self._poller = select.poll()
         self._poller.register(self._sock.fileno(), select.POLLIN | select.POLLPRI)
         if initial:
@@ -158,6 +165,20 @@ class DockerExecChannel(Channel):
         self._sock.sendall(data)
 
     def recv(self, timeout: float | None) -> bytes:
+        with self._state:
+            if self._closed:
+                return b""
+            self._reading = True
+        try:
+            return self._recv(timeout)
+        finally:
+            with self._state:
+                self._reading = False
+                release = self._closed
+            if release:
+                self._release()
+
+    def _recv(self, timeout: float | None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         while True:
             if self._out:
@@ -182,11 +203,21 @@ class DockerExecChannel(Channel):
             self._feed(data)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            reading = self._reading
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a reader waiting in poll()
+        if not reading:
+            self._release()
+
+    def _release(self) -> None:
+        with self._state:
+            if self._released:
+                return
+            self._released = True
         # Outermost first: the HTTP response flushes its reader, which needs the SocketIO open.
         response = getattr(self._raw, "_response", None)
         for closable in (response, self._raw, self._sock):

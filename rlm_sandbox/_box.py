@@ -105,6 +105,8 @@ class BackendConfig(BaseModel, ABC):
     """How many host-function calls from one sandbox run at once on the host."""
     max_pending_calls: int = Field(default=1024, ge=1)
     """Calls queued beyond this are refused at once (a flood from the box cannot grow the host)."""
+    max_pending_call_bytes: int = Field(default=256 << 20, ge=1 << 16)
+    """Bytes of host-function arguments queued on the host at once; calls beyond are refused."""
     max_message_bytes: int = Field(default=64 << 20, ge=1 << 16)
     """Largest protocol message accepted from the box (host-function arguments included)."""
     startup_timeout_s: float = Field(default=120.0, gt=0)

@@ -336,6 +336,7 @@ class RuntimeSandbox(Sandbox):
             functions=self.functions,
             max_workers=self.config.max_concurrent_calls,
             max_pending=self.config.max_pending_calls,
+            max_pending_bytes=self.config.max_pending_call_bytes,
             max_message=self.config.max_message_bytes,
             name=self.id,
         )

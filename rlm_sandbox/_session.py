@@ -61,6 +61,7 @@ class Session:
         functions: Mapping[str, Callable[..., Any]],
         max_workers: int = 16,
         max_pending: int = 1024,
+        max_pending_bytes: int = 256 << 20,
         max_message: int = 64 << 20,
         name: str = "sandbox",
     ) -> None:
@@ -76,6 +77,8 @@ class Session:
         self._ids = 0
         self._pool: ThreadPoolExecutor | None = None
         self._inflight = 0
+        self._inflight_bytes = 0
+        self.max_pending_bytes = max_pending_bytes
         self._inflight_lock = threading.Lock()
         self._broken: BaseException | None = None
         self.notices: list[str] = []
@@ -142,7 +145,7 @@ class Session:
                     msg = rt.parse_message(payload)
                     op = msg["op"]
                     if op == "call":
-                        self._on_call(msg)
+                        self._on_call(msg, len(payload))
                     elif op == "notice":
                         self.notices.append(str(msg.get("message", "")))
                     elif op == "fatal":
@@ -180,7 +183,7 @@ class Session:
 
     # ---- host functions ----------------------------------------------------------------------
 
-    def _on_call(self, msg: dict[str, Any]) -> None:
+    def _on_call(self, msg: dict[str, Any], size: int) -> None:
         cid = msg.get("id")
         name = msg.get("name")
         args = msg.get("args", [])
@@ -191,11 +194,11 @@ class Session:
             self._reply_error(cid, "NameError", f"no host function named {name!r}")
             return
         with self._inflight_lock:
-            if self._inflight >= self.max_pending:
-                busy = True
-            else:
-                busy = False
+            # Bounded in count and in bytes: a flood of calls from the box cannot grow the host.
+            busy = self._inflight >= self.max_pending or self._inflight_bytes + size > self.max_pending_bytes
+            if not busy:
                 self._inflight += 1
+                self._inflight_bytes += size
         if busy:
             self._reply_error(cid, "RuntimeError", "too many host-function calls pending")
             return
@@ -203,14 +206,16 @@ class Session:
             self._pool = ThreadPoolExecutor(
                 max_workers=self.max_workers, thread_name_prefix=f"rlm-{self.name}-call"
             )
-        self._pool.submit(self._run_call, cid, self.functions[name], args, kwargs)
+        self._pool.submit(self._run_call, cid, self.functions[name], args, kwargs, size)
 
     def _reply_error(self, cid: int, name: str, message: str) -> None:
         self._msg(
             {"op": "call_result", "id": cid, "ok": False, "error": {"name": name, "message": message}}
         )
 
-    def _run_call(self, cid: int, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> None:
+    def _run_call(
+        self, cid: int, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], size: int
+    ) -> None:
         try:
             try:
                 value = fn(*rt.decode_value(args), **rt.decode_value(kwargs))
@@ -228,6 +233,7 @@ class Session:
         finally:
             with self._inflight_lock:
                 self._inflight -= 1
+                self._inflight_bytes -= size
 
     # ---- operations ---------------------------------------------------------------------------
 

@@ -280,3 +280,38 @@ def test_sigterm_closes_sandboxes_opened_in_worker_threads(tmp_path: Path) -> No
         assert proc.wait(timeout=20) == -signal.SIGTERM
         assert time.monotonic() - start < 10  # not the cell's 600 s timeout
     assert list(tmp_path.glob("rlm-sandbox-*")) == []
+
+
+def test_queued_host_call_bytes_are_bounded() -> None:
+    """Eight 1 MiB calls wait on the host while the bound is 3 MiB: the rest are refused at once."""
+    import threading as th
+
+    gate = th.Event()
+
+    def slow(data: str) -> int:
+        gate.wait(10)
+        return len(data)
+
+    code = (
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "import time\n"
+        "def one(i):\n"
+        "    try:\n"
+        "        return slow('x' * (1 << 20))\n"
+        "    except RuntimeError as e:\n"
+        "        return str(e)\n"
+        "with ThreadPoolExecutor(8) as ex:\n"
+        "    futs = [ex.submit(one, i) for i in range(8)]\n"
+        "    time.sleep(1.0)\n"
+        "    release()\n"
+        "    out = [f.result() for f in futs]\n"
+    )
+    functions = {"slow": slow, "release": gate.set}
+    with rs.open_sandbox("local", functions=functions, max_pending_call_bytes=3 << 20) as sb:
+        r = sb.execute(code, timeout_s=60)
+        assert r.ok, r
+        out = sb.get_variable("out")
+        refused = [o for o in out if isinstance(o, str)]
+        served = [o for o in out if o == 1 << 20]
+        assert refused and all("pending" in o for o in refused)
+        assert 1 <= len(served) <= 3

@@ -892,6 +892,12 @@ def _worker_main(config: Dict[str, Any], fds: Dict[str, int]) -> None:
     """Entry point of a freshly forked worker (never returns)."""
     code = 1
     try:
+        # Die with the supervisor (it is single-threaded, so its thread's exit is its death): a
+        # worker busy in user code would otherwise outlive a killed supervisor. If it already died
+        # between fork and here, we have been re-parented: leave at once.
+        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != config.get("supervisor_pid", os.getppid()):
+            os._exit(1)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -1033,6 +1039,7 @@ class Supervisor:
         config = dict(self.config)
         config["contexts"] = list(self.contexts)
         config["close_fds"] = [self.in_fd, self.out_fd, self.wake_r, self.wake_w]
+        config["supervisor_pid"] = os.getpid()
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)

@@ -315,3 +315,31 @@ def test_queued_host_call_bytes_are_bounded() -> None:
         served = [o for o in out if o == 1 << 20]
         assert refused and all("pending" in o for o in refused)
         assert 1 <= len(served) <= 3
+
+
+def test_the_repl_dies_with_its_supervisor() -> None:
+    """SIGKILL of the supervisor alone (not its tree) must not leave a spinning REPL behind."""
+    import os
+    import signal
+    import threading as th
+    import time
+
+    sb = rs.open_sandbox("local", limits=rs.Limits(exec_timeout_s=60))
+    try:
+        supervisor = sb.box._proc.pid  # type: ignore[attr-defined]
+        worker = int(Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()[0])
+        runner = th.Thread(target=lambda: sb.execute("while True:\n    pass"), daemon=True)
+        runner.start()
+        time.sleep(0.3)
+        os.kill(supervisor, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+            stat = Path(f"/proc/{worker}/stat").read_text() if Path(f"/proc/{worker}").exists() else ""
+            if stat and stat[stat.rindex(")") + 2] == "Z":
+                break
+            time.sleep(0.05)
+        alive = Path(f"/proc/{worker}").exists() and Path(f"/proc/{worker}/stat").read_text().split(") ")[1][0] != "Z"
+        assert not alive
+        runner.join(10)
+    finally:
+        sb.close()

@@ -86,6 +86,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from tests.fakes import kill_tree
+
 __all__ = ["DaytonaFake", "Fault"]
 
 STDOUT_PREFIX = b"\x01\x01\x01"
@@ -212,7 +214,9 @@ def _now() -> str:
 
 
 def _kill_session_tree(pid: int) -> None:
-    """SIGKILL every process whose session id is ``pid`` (they were started with setsid)."""
+    """SIGKILL every process whose session id is ``pid`` (they were started with setsid), and
+    every descendant (the runtime's REPL starts its own session), as a destroyed VM would."""
+    kill_tree(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     for entry in os.listdir("/proc"):

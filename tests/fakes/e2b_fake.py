@@ -76,6 +76,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
+from tests.fakes import kill_tree
+
 __all__ = ["E2BFake", "FakeProcess", "FakeSandbox", "Faults"]
 
 T = TypeVar("T")
@@ -171,6 +173,9 @@ class FakeProcess:
         self.publish(_event("end", end))
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        if sig == signal.SIGKILL:
+            kill_tree(self.popen.pid)  # the whole tree, as a destroyed VM would
+            return
         try:
             os.killpg(self.popen.pid, sig)
         except ProcessLookupError:

@@ -8,9 +8,8 @@ framed protocol of :mod:`rlm_sandbox.runtime` over it; backends never parse fram
 from __future__ import annotations
 
 import os
+import select
 from abc import ABC, abstractmethod
-
-from .runtime import wait_readable
 
 __all__ = ["Channel", "PipeChannel"]
 
@@ -47,13 +46,12 @@ class Channel(ABC):
 class PipeChannel(Channel):
     """A channel over two OS file descriptors (a pipe pair, a socket used twice, a pty)."""
 
-    def __init__(self, write_fd: int, read_fd: int, *, chunk: int = 1 << 20, spin_s: float = 0.0) -> None:
+    def __init__(self, write_fd: int, read_fd: int, *, chunk: int = 1 << 20) -> None:
         self._wfd = write_fd
         self._rfd = read_fd
         self._buf = bytearray(chunk)
         self._view = memoryview(self._buf)
         self._closed = False
-        self.spin_s = spin_s
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -62,8 +60,8 @@ class PipeChannel(Channel):
             view = view[n:]
 
     def recv(self, timeout: float | None) -> bytes:
-        if self.spin_s or timeout is not None:
-            ready, _ = wait_readable([self._rfd], None if timeout is None else max(timeout, 0.0), self.spin_s)
+        if timeout is not None:
+            ready, _, _ = select.select([self._rfd], [], [], max(timeout, 0.0))
             if not ready:
                 raise TimeoutError("no data from the runtime")
         # One reused buffer: no allocation (mmap + page faults for big sizes) per read.

@@ -463,26 +463,6 @@ class ReadBuffer:
         return self.view[:n].tobytes()
 
 
-def wait_readable(
-    fds: List[int], timeout: Optional[float], spin: float, wfds: Optional[List[int]] = None
-) -> Tuple[List[int], List[int]]:
-    """select() that first polls for up to ``spin`` seconds: a reply that comes within
-    microseconds is then seen without the cost of putting the CPU to sleep and waking it."""
-    w = wfds or []
-    if spin > 0:
-        end = time.perf_counter() + min(spin, timeout if timeout is not None else spin)
-        while True:
-            r, ww, _ = select.select(fds, w, [], 0)
-            if r or ww or time.perf_counter() >= end:
-                break
-        if r or ww:
-            return r, ww
-        if timeout is not None:
-            timeout = max(timeout - spin, 0.0)
-    r, ww, _ = select.select(fds, w, [], timeout)
-    return r, ww
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -551,7 +531,6 @@ class _Link:
         self.commands: Deque[Dict[str, Any]] = deque()
         self.ids = itertools.count(1)
         self.rbuf = ReadBuffer()
-        self.spin = 0.0
         self.pid = os.getpid()
 
     def send(self, msg: Dict[str, Any]) -> None:
@@ -591,7 +570,7 @@ class _Link:
                 self.reading = True
                 cond.release()
                 try:
-                    wait_readable([self.rfd], None, self.spin)
+                    select.select([self.rfd], [], [])
                     self.intr.enter()
                     try:
                         data = self.rbuf.read(self.rfd)
@@ -648,7 +627,6 @@ class Worker:
         self.config = config
         self.intr = _Interrupts()
         self.link = _Link(rfd, wfd, self.intr)
-        self.link.spin = float(config.get("spin_s", 0.0))
         self.ns: Dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         self.functions: Dict[str, Callable[..., Any]] = {}
         self.cells = 0
@@ -1009,7 +987,6 @@ class Supervisor:
         self.oom_at_start: Optional[int] = None
         self.ready = False
         self.lost_note = ""
-        self.spin = 0.0
 
     # ---- channel --------------------------------------------------------------------------
 
@@ -1203,7 +1180,7 @@ class Supervisor:
                     wlist.append(fds["cmd_w"])
             timeout = self.next_deadline()
             try:
-                r, w = wait_readable(rlist, timeout, self.spin, wlist)
+                r, w, _ = select.select(rlist, wlist, [], timeout)
             except InterruptedError:
                 continue
             if self.wake_r in r:
@@ -1372,7 +1349,6 @@ class Supervisor:
             reply["state_lost"] = True
             reply["message"] = "earlier, between cells: " + self.lost_note
             self.lost_note = ""
-        self.spin = 0.0
         if extra:
             reply.update(extra)
         self.send(reply)
@@ -1511,7 +1487,6 @@ class Supervisor:
         # the same uid must not open our channel's fds through /proc/<pid>/fd, nor ptrace us.
         _prctl(4, 0)  # PR_SET_DUMPABLE = 0
         self.config = cfg
-        self.spin = float(cfg.get("spin_s", 0.0))
         self.stdout = OutputBuffer(int(cfg.get("output_bytes", 1 << 20)))
         self.stderr = OutputBuffer(int(cfg.get("output_bytes", 1 << 20)))
         self.contexts = self.scan_contexts()

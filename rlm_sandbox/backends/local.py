@@ -53,11 +53,6 @@ class LocalConfig(BackendConfig):
     """Keep the temporary directory after close (for debugging)."""
     path: str = "/usr/local/bin:/usr/bin:/bin"
     """PATH inside the sandbox."""
-    runtime_spin_us: int = Field(default=0, ge=0)
-    """The same inside the runtime (off by default: on a busy machine it steals CPU)."""
-    spin_us: int = Field(default=0, ge=0)
-    """Before sleeping on a pipe, poll it this long (microseconds): replies that come within it
-    skip the cost of a sleep and wake-up. 0 turns it off."""
 
     def create_box(self, limits: Limits) -> Box:
         return LocalBox(self, limits)
@@ -140,7 +135,6 @@ class LocalBox(Box):
         if limits.cpu_time_s is not None:
             rl["cpu_time_s"] = limits.cpu_time_s
         opts["rlimits"] = rl
-        opts["spin_s"] = self.config.runtime_spin_us / 1e6
         opts["tmpdir"] = ".tmp"
         if limits.pids is not None:
             opts["cgroup_pids"] = limits.pids
@@ -203,7 +197,7 @@ class LocalBox(Box):
             log.close()
         os.close(in_r)
         os.close(out_w)
-        return PipeChannel(in_w, out_r, spin_s=self.config.spin_us / 1e6)
+        return PipeChannel(in_w, out_r)
 
     def upload(self, path: str, data: Blob) -> str | None:
         """Write straight into the sandbox's directory: the box is this machine."""

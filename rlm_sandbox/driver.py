@@ -936,10 +936,10 @@ class _Agent:
             {"role": "user", "content": self._first_message(info)},
         ]
         for iteration in range(1, budget.max_iterations + 1):
-            self.iterations = iteration
             reply = run.complete(
                 run.runner.lm, messages, agent_id=self.id, kind="root", iteration=iteration, model=self.model
             )
+            self.iterations = iteration  # counted once the model has answered (a stop may come first)
             blocks = find_code_blocks(reply)
             feedback: list[str] = []
             for index, code in enumerate(blocks):

@@ -395,6 +395,17 @@ def _oom_kills() -> Optional[int]:
     return None
 
 
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    """Send a signal to a process (or its group) that may already be gone."""
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except OSError:
+        pass
+
+
 def _describe_status(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -1037,10 +1048,7 @@ class Supervisor:
     def kill_tree(self) -> None:
         """SIGKILL the worker and every descendant (orphans are ours: we are a subreaper)."""
         if self.worker_pid:
-            try:
-                os.killpg(self.worker_pid, signal.SIGKILL)
-            except OSError:
-                pass
+            _signal(self.worker_pid, signal.SIGKILL, group=True)
         self.kill_descendants(keep=None)
         self.reap()
 
@@ -1064,10 +1072,7 @@ class Supervisor:
                 break
             seen.update(pids)
             for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                _signal(pid, signal.SIGKILL)
             self.reap(block_for=0.01)
         return sorted(seen)
 
@@ -1317,10 +1322,7 @@ class Supervisor:
 
     def interrupt(self) -> None:
         if self.worker_pid:
-            try:
-                os.kill(self.worker_pid, signal.SIGINT)
-            except OSError:
-                pass
+            _signal(self.worker_pid, signal.SIGINT)
 
     def finish_exec(self, msg: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> None:
         cur = self.current

@@ -46,7 +46,7 @@ class Channel(ABC):
 class PipeChannel(Channel):
     """A channel over two OS file descriptors (a pipe pair, a socket used twice, a pty)."""
 
-    def __init__(self, write_fd: int, read_fd: int, *, chunk: int = 1 << 20) -> None:
+    def __init__(self, write_fd: int, read_fd: int, *, chunk: int = 1 << 18) -> None:
         self._wfd = write_fd
         self._rfd = read_fd
         self._buf = bytearray(chunk)

@@ -72,6 +72,7 @@ def test_runtime_options_carry_the_limits_the_runtime_enforces(fake: E2BFake) ->
         assert isinstance(box, E2BBox)
         assert box.runtime_options == {
             "rlimits": {"memory_bytes": 300 << 20, "file_size_bytes": 5 << 20, "cpu_time_s": 30},
+            "tmpdir": ".tmp",
             "cgroup_pids": 40,
             "pids_nproc_fallback": True,
             "unshare_net": "try",

@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any
 
 from ._box import BackendConfig
-from ._errors import ConfigError, SandboxClosed, SandboxStartError, SandboxTimeout
+from ._errors import ConfigError, SandboxClosed, SandboxError, SandboxStartError, SandboxTimeout
 from ._limits import Limits
 from ._registry import make_config
 from ._results import ExecResult
@@ -48,6 +48,18 @@ from ._sandbox import ContextPayload, Sandbox, install_exit_hooks
 __all__ = ["PoolExhausted", "PoolStats", "PooledSandbox", "SandboxPool"]
 
 log = logging.getLogger(__name__)
+
+def _answers(sb: Sandbox) -> bool:
+    """Whether a sandbox's runtime still answers (one round trip)."""
+    ping = getattr(sb, "ping", None)
+    if ping is None:
+        return True
+    try:
+        ping()
+    except SandboxError:
+        return False
+    return True
+
 
 class PoolExhausted(SandboxTimeout):
     """:meth:`SandboxPool.acquire` timed out: the key is at ``max_size`` and none came back."""
@@ -89,9 +101,10 @@ class PoolStats:
 class _Slot:
     """One pooled sandbox and the handlers of its current lease."""
 
-    __slots__ = ("destroyed", "handlers", "lease", "sandbox")
+    __slots__ = ("destroyed", "handlers", "idle_since", "lease", "sandbox")
 
     def __init__(self) -> None:
+        self.idle_since = 0.0
         self.sandbox: Sandbox | None = None
         self.handlers: Mapping[str, Callable[..., Any]] | None = None
         self.lease = 0
@@ -165,6 +178,7 @@ class SandboxPool:
         min_idle: int = 1,
         acquire_timeout_s: float = 60.0,
         max_starting: int = 4,
+        health_check_after_s: float = 30.0,
     ) -> None:
         install_exit_hooks()  # its sandboxes open in background threads
         if max_size < 1:
@@ -178,6 +192,9 @@ class SandboxPool:
         self.max_size = max_size
         self.min_idle = min_idle
         self.acquire_timeout_s = acquire_timeout_s
+        #: An idle sandbox older than this is pinged before it is handed out (one that died while
+        #: idle is replaced); younger ones were just reset, which is a round trip already.
+        self.health_check_after_s = health_check_after_s
         self._cond = threading.Condition()
         self._keys: dict[tuple[str, str, str, tuple[str, ...]], _Key] = {}
         self._closed = False
@@ -216,12 +233,14 @@ class SandboxPool:
         wait = self.acquire_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + wait
         slot: _Slot | None = None
+        check = False
         with self._cond:
             while True:
                 if self._closed:
                     raise SandboxClosed("the sandbox pool is closed")
                 if key.idle:
                     slot = key.idle.pop()
+                    check = time.monotonic() - slot.idle_since > self.health_check_after_s
                     lease = self._lease(key, slot, handlers, warm=True)
                     break
                 if key.total < self.max_size:
@@ -248,7 +267,13 @@ class SandboxPool:
                 self._destroy(slot)
                 raise SandboxClosed("the sandbox pool is closed")
         self._refill(key)
-        return PooledSandbox(self, key, slot, lease, started=started)
+        pooled = PooledSandbox(self, key, slot, lease, started=started)
+        if check and not _answers(slot.box):
+            log.warning("pooled sandbox %s died while idle; replacing it", slot.box.id)
+            pooled.release(broken=True)
+            left = max(deadline - time.monotonic(), 0.0)
+            return self.acquire(backend, options=options, limits=limits, functions=functions, timeout_s=left)
+        return pooled
 
     def prewarm(
         self,
@@ -452,6 +477,7 @@ class SandboxPool:
             key.starting_bg -= 1
             closed = self._closed
             if not closed:
+                slot.idle_since = time.monotonic()
                 key.idle.append(slot)
             self._cond.notify_all()
         if closed:
@@ -489,6 +515,7 @@ class SandboxPool:
             key.resetting -= 1
             keep = ok and not self._closed
             if keep:
+                slot.idle_since = time.monotonic()
                 key.idle.append(slot)
             elif not self._closed:
                 self._replaced += 1

@@ -146,6 +146,19 @@ def test_broken_sandboxes_are_replaced(boxes: dict[str, Any], monkeypatch: pytes
         assert pool.stats().destroyed == 2  # both broken ones were closed, not kept
 
 
+def test_a_sandbox_that_died_while_idle_is_not_handed_out(boxes: dict[str, Any]) -> None:
+    with SandboxPool(max_size=2, min_idle=0, health_check_after_s=0) as pool:
+        with pool.acquire("local", options=boxes) as sb:
+            first = sb.id
+            inner = sb._box()
+        assert pool.wait_idle(1, timeout_s=10)
+        inner.box.kill_runtime()  # type: ignore[attr-defined]  # its runtime dies while idle
+        with pool.acquire("local", options=boxes) as again:
+            assert again.id != first
+            assert ok(again, "print('fine')") == "fine\n"
+        assert pool.stats().replaced >= 1
+
+
 def test_the_pool_refills_in_the_background(boxes: dict[str, Any]) -> None:
     with SandboxPool(max_size=4, min_idle=2) as pool:
         a = pool.acquire("local", options=boxes)  # cold: opened in this call

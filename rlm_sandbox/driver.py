@@ -674,16 +674,22 @@ class _Agent:
         finally:
             run.lm_slots.release()
 
-    def llm_query(self, prompt: Any, model: Any = None) -> str:
-        """Host function: one sub-LM call. Raises inside the sandbox when it fails."""
+    @staticmethod
+    def _one(name: str, call: Callable[[], str]) -> str:
+        """A single (non-batched) host call: budget stops become builtin exceptions, argument errors
+        pass through, and any other failure is a RuntimeError inside the sandbox."""
         try:
-            return self._sub_lm(self._prompt(prompt), self._model(model), "sub")
+            return call()
         except _Stop as stop:
             raise _as_builtin(stop) from None
         except (TypeError, ValueError):
             raise
-        except Exception as exc:  # noqa: BLE001 - any LM failure is a RuntimeError inside the sandbox
-            raise RuntimeError(f"llm_query failed: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any LM or sub-agent failure is a RuntimeError inside
+            raise RuntimeError(f"{name} failed: {type(exc).__name__}: {exc}") from None
+
+    def llm_query(self, prompt: Any, model: Any = None) -> str:
+        """Host function: one sub-LM call. Raises inside the sandbox when it fails."""
+        return self._one("llm_query", lambda: self._sub_lm(self._prompt(prompt), self._model(model), "sub"))
 
     def llm_query_batched(self, prompts: Any, model: Any = None) -> list[str]:
         """Host function: sub-LM calls run concurrently; a failed item is ``"Error: ..."``."""
@@ -698,14 +704,7 @@ class _Agent:
 
     def rlm_query(self, prompt: Any, model: Any = None) -> str:
         """Host function: a sub-agent (its own sandbox) whose context is ``prompt``."""
-        try:
-            return self._child(self._prompt(prompt), self._model(model))
-        except _Stop as stop:
-            raise _as_builtin(stop) from None
-        except (TypeError, ValueError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - any sub-agent failure is a RuntimeError inside the sandbox
-            raise RuntimeError(f"rlm_query failed: {type(exc).__name__}: {exc}") from None
+        return self._one("rlm_query", lambda: self._child(self._prompt(prompt), self._model(model)))
 
     def rlm_query_batched(self, prompts: Any, model: Any = None) -> list[str]:
         """Host function: sub-agents run concurrently (bounded); a failed item is ``"Error: ..."``."""
